@@ -1,0 +1,68 @@
+//! The bridge a node's endpoints (of one tenant) hang off.
+
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::RouteNetlinkMessage;
+
+use crate::names::IfName;
+use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request};
+
+/// A bridge in the socket's namespace.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    pub name: IfName,
+    pub index: u32,
+}
+
+impl Bridge {
+    /// Creates the bridge, up, with the gateway address on it. On failure
+    /// nothing is left: a bridge whose address could not be set is deleted.
+    pub fn create(
+        socket: &mut NetlinkSocket,
+        name: &IfName,
+        gateway: Option<Ipv4Network>,
+    ) -> Result<Self, NetlinkError> {
+        socket.execute_all(&[Request::create(
+            format!("create bridge {name}"),
+            messages::bridge(name),
+        )])?;
+        let built = Self::lookup(socket, name).and_then(|bridge| {
+            if let Some(gw) = gateway {
+                socket.execute_all(&[Request::create(
+                    format!("add {gw} to bridge {name}"),
+                    messages::add_ipv4_address(bridge.index, gw.ip(), gw.prefix()),
+                )])?;
+            }
+            Ok(bridge)
+        });
+        if built.is_err() {
+            let _ = delete_link(socket, name.as_str());
+        }
+        built
+    }
+
+    /// Finds an existing link by name.
+    pub fn lookup(socket: &mut NetlinkSocket, name: &IfName) -> Result<Self, NetlinkError> {
+        let replies = socket.query(&format!("look up {name}"), messages::get_link(name), false)?;
+        replies
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(Self {
+                    name: name.clone(),
+                    index: l.header.index,
+                }),
+                _ => None,
+            })
+            .ok_or_else(|| NetlinkError::Decode(format!("no link message for {name}")))
+    }
+
+    pub fn delete(self, socket: &mut NetlinkSocket) -> Result<(), NetlinkError> {
+        delete_link(socket, self.name.as_str())
+    }
+}
+
+pub(crate) fn delete_link(socket: &mut NetlinkSocket, name: &str) -> Result<(), NetlinkError> {
+    socket.execute_all(&[Request::change(
+        format!("delete link {name}"),
+        messages::delete_link(name),
+    )])
+}

@@ -1,0 +1,465 @@
+//! Endpoints and the batched factory that builds them.
+//!
+//! An endpoint is a network namespace holding `lo` and `eth0` (one end of a veth
+//! pair), both up, with an address and a default route via the node's bridge;
+//! the other end of the pair sits in the node's namespace, attached to that
+//! bridge. Building one costs:
+//!
+//! 1. `unshare(CLONE_NEWNET)` on a worker thread, keeping the namespace by fd,
+//!    and opening a netlink socket right there (it stays bound to it);
+//! 2. ONE request in the node's namespace creating the pair with its peer
+//!    placed straight into the endpoint's namespace as `eth0`, index 2, and the
+//!    host end up and attached to the bridge: many such requests per datagram;
+//! 3. ONE datagram on the endpoint's socket: `lo` up, `eth0` up, address,
+//!    default route.
+//!
+//! Workers (one per core by default) each take a share of a batch. An endpoint
+//! whose build fails is dropped whole: closing its namespace fd makes the kernel
+//! remove the namespace with its end of the pair, and the pair with it.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+
+use ipnetwork::Ipv4Network;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::LinkFlags;
+use netlink_packet_route::RouteNetlinkMessage;
+
+use crate::names::{IfName, NameError, RunPrefix};
+use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request, RequestError};
+use crate::netns::{NetNs, NetNsError};
+
+/// The endpoint's interface, as a function sees it.
+pub const ENDPOINT_IFNAME: &str = "eth0";
+/// `eth0`'s index inside the endpoint (loopback is 1 in every new namespace);
+/// fixed so that the in-namespace requests need no lookup.
+pub const ENDPOINT_IFINDEX: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Namespace(#[from] NetNsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("the endpoint factory's worker stopped: {0}")]
+    WorkerGone(String),
+}
+
+/// What an endpoint should look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// The endpoint's address with the block's prefix length.
+    pub address: Ipv4Network,
+    pub gateway: Ipv4Addr,
+}
+
+/// A built endpoint. Dropping it destroys it (the kernel removes the namespace,
+/// its `eth0` and the host end of the pair).
+#[derive(Debug)]
+pub struct Endpoint {
+    id: u64,
+    netns: NetNs,
+    host_ifname: IfName,
+    spec: EndpointSpec,
+}
+
+impl Endpoint {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn netns(&self) -> &NetNs {
+        &self.netns
+    }
+
+    pub fn netns_mut(&mut self) -> &mut NetNs {
+        &mut self.netns
+    }
+
+    /// The host end of the veth pair, in the node's namespace.
+    pub fn host_ifname(&self) -> &IfName {
+        &self.host_ifname
+    }
+
+    pub fn address(&self) -> Ipv4Network {
+        self.spec.address
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.spec.gateway
+    }
+
+    /// Reads the endpoint's links and IPv4 addresses back from the kernel.
+    pub fn inspect(&self) -> Result<EndpointState, EndpointError> {
+        let mut socket = NetlinkSocket::open_in(&self.netns)?;
+        EndpointState::read(&mut socket)
+    }
+
+    /// Whether the namespace holds exactly what it was built with: `lo` and
+    /// `eth0`, up, and only its own IPv4 addresses. A function that added an
+    /// interface or an address leaves an endpoint that must not be reused.
+    pub fn is_clean(&self) -> Result<bool, EndpointError> {
+        let state = self.inspect()?;
+        let mut links: Vec<_> = state.links.iter().map(|l| (l.name.as_str(), l.up)).collect();
+        links.sort();
+        let mut addrs: Vec<_> = state
+            .ipv4
+            .iter()
+            .map(|(i, a)| (*i, a.to_string()))
+            .collect();
+        addrs.sort();
+        let mut expected_addrs = vec![
+            (messages::LOOPBACK_INDEX, "127.0.0.1/8".to_string()),
+            (ENDPOINT_IFINDEX, self.address().to_string()),
+        ];
+        expected_addrs.sort();
+        Ok(links == [(ENDPOINT_IFNAME, true), ("lo", true)] && addrs == expected_addrs)
+    }
+
+    /// Destroys the endpoint (same as dropping it, but says so).
+    pub fn destroy(self) {}
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+    pub master: Option<u32>,
+}
+
+/// An endpoint's links and IPv4 addresses (by link index), read from the kernel.
+#[derive(Debug, Clone)]
+pub struct EndpointState {
+    pub links: Vec<LinkState>,
+    pub ipv4: Vec<(u32, Ipv4Network)>,
+}
+
+impl EndpointState {
+    /// Reads the links and IPv4 addresses of the socket's namespace.
+    pub fn read(socket: &mut NetlinkSocket) -> Result<Self, EndpointError> {
+        Ok(Self {
+            links: list_links(socket)?,
+            ipv4: list_ipv4_addresses(socket)?,
+        })
+    }
+}
+
+/// All links of the socket's namespace.
+pub fn list_links(socket: &mut NetlinkSocket) -> Result<Vec<LinkState>, NetlinkError> {
+    let replies = socket.query("list links", messages::dump_links(), true)?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(LinkState {
+                index: l.header.index,
+                name: messages::link_name(&l).unwrap_or_default().to_string(),
+                up: l.header.flags.contains(LinkFlags::Up),
+                master: messages::link_master(&l),
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+/// All IPv4 addresses of the socket's namespace, by link index.
+pub fn list_ipv4_addresses(
+    socket: &mut NetlinkSocket,
+) -> Result<Vec<(u32, Ipv4Network)>, NetlinkError> {
+    let replies = socket.query("list addresses", messages::dump_ipv4_addresses(), true)?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) => {
+                let ip = a.attributes.iter().find_map(|attr| match attr {
+                    AddressAttribute::Local(std::net::IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                let net = Ipv4Network::new(ip, a.header.prefix_len).ok()?;
+                Some((a.header.index, net))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// Where the factory builds: the namespace the host ends go in, the bridge
+/// they attach to, and the run prefix their names carry.
+#[derive(Debug)]
+pub struct FactoryConfig {
+    pub home: NetNs,
+    /// Index of the bridge in `home`; `None` leaves host ends unattached.
+    pub bridge_index: Option<u32>,
+    pub prefix: RunPrefix,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+type BuildResult = Result<Endpoint, EndpointError>;
+
+struct Job {
+    items: Vec<(u64, EndpointSpec)>,
+    reply: Sender<(usize, Vec<BuildResult>)>,
+    slot: usize,
+}
+
+/// Builds endpoints in batches on dedicated worker threads.
+pub struct EndpointFactory {
+    workers: Vec<(Sender<Job>, JoinHandle<()>)>,
+    next_id: AtomicU64,
+    prefix: RunPrefix,
+}
+
+impl std::fmt::Debug for EndpointFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointFactory")
+            .field("workers", &self.workers.len())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl EndpointFactory {
+    pub fn new(config: FactoryConfig) -> Result<Self, EndpointError> {
+        let count = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let mut workers = Vec::with_capacity(count);
+        for i in 0..count {
+            let home = config.home.try_clone()?;
+            let bridge = config.bridge_index;
+            let prefix = config.prefix.clone();
+            let (tx, rx) = mpsc::channel();
+            let handle = std::thread::Builder::new()
+                .name(format!("endpoint-worker-{i}"))
+                .spawn(move || worker_main(home, bridge, prefix, rx))
+                .map_err(|e| EndpointError::WorkerGone(e.to_string()))?;
+            workers.push((tx, handle));
+        }
+        Ok(Self {
+            workers,
+            next_id: AtomicU64::new(0),
+            prefix: config.prefix,
+        })
+    }
+
+    pub fn prefix(&self) -> &RunPrefix {
+        &self.prefix
+    }
+
+    /// The host-end name the endpoint with this id gets.
+    pub fn host_ifname(prefix: &RunPrefix, id: u64) -> Result<IfName, NameError> {
+        prefix.ifname('e', id)
+    }
+
+    /// Builds one endpoint per spec, spread over the workers; results come back
+    /// in the order of `specs`. A failed endpoint leaves nothing behind and does
+    /// not affect the others.
+    pub fn create_batch(&self, specs: &[EndpointSpec]) -> Vec<BuildResult> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let share = specs.len().div_ceil(self.workers.len().max(1)).max(1);
+        let mut sent = 0;
+        for (slot, chunk) in specs.chunks(share).enumerate() {
+            let items = chunk
+                .iter()
+                .map(|s| (self.next_id.fetch_add(1, Ordering::Relaxed), *s))
+                .collect();
+            let job = Job {
+                items,
+                reply: reply_tx.clone(),
+                slot,
+            };
+            let (worker, _) = &self.workers[slot % self.workers.len()];
+            if let Err(mpsc::SendError(job)) = worker.send(job) {
+                let _ = reply_tx.send((slot, gone(job.items.len(), "worker exited")));
+            }
+            sent += 1;
+        }
+        drop(reply_tx);
+        let mut parts: Vec<Option<Vec<BuildResult>>> = (0..sent).map(|_| None).collect();
+        for (slot, results) in reply_rx.iter() {
+            parts[slot] = Some(results);
+        }
+        let mut out = Vec::with_capacity(specs.len());
+        for (slot, chunk) in specs.chunks(share).enumerate() {
+            match parts[slot].take() {
+                Some(results) => out.extend(results),
+                None => out.extend(gone(chunk.len(), "worker panicked")),
+            }
+        }
+        out
+    }
+}
+
+impl Drop for EndpointFactory {
+    fn drop(&mut self) {
+        for (tx, handle) in self.workers.drain(..) {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+fn gone(n: usize, why: &str) -> Vec<BuildResult> {
+    (0..n)
+        .map(|_| Err(EndpointError::WorkerGone(why.to_string())))
+        .collect()
+}
+
+fn worker_main(home: NetNs, bridge: Option<u32>, prefix: RunPrefix, jobs: Receiver<Job>) {
+    let setup = home
+        .enter_current_thread()
+        .map_err(EndpointError::from)
+        .and_then(|()| NetlinkSocket::open().map_err(EndpointError::from));
+    let mut host = match setup {
+        Ok(socket) => socket,
+        Err(e) => {
+            let why = e.to_string();
+            for job in jobs {
+                let _ = job.reply.send((job.slot, gone(job.items.len(), &why)));
+            }
+            return;
+        }
+    };
+    for job in jobs {
+        let (results, home_lost) = build(&home, &mut host, bridge, &prefix, job.items);
+        let _ = job.reply.send((job.slot, results));
+        if home_lost {
+            // This thread is stranded in an endpoint's namespace; stop taking work.
+            tracing::error!("endpoint worker could not return to its home namespace");
+            return;
+        }
+    }
+}
+
+/// A half-built endpoint: its namespace and a socket inside it.
+struct Staged {
+    id: u64,
+    spec: EndpointSpec,
+    host_ifname: IfName,
+    netns: NetNs,
+    socket: NetlinkSocket,
+}
+
+/// Builds a worker's share of a batch. Returns the results and whether the
+/// thread failed to get back into its home namespace.
+fn build(
+    home: &NetNs,
+    host: &mut NetlinkSocket,
+    bridge: Option<u32>,
+    prefix: &RunPrefix,
+    items: Vec<(u64, EndpointSpec)>,
+) -> (Vec<BuildResult>, bool) {
+    let mut results: Vec<Option<BuildResult>> = Vec::with_capacity(items.len());
+    let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(items.len());
+    let mut home_lost = false;
+
+    // 1. Namespaces, each with a socket opened inside it.
+    for (i, (id, spec)) in items.into_iter().enumerate() {
+        if home_lost {
+            results.push(Some(Err(EndpointError::WorkerGone(
+                "worker lost its home namespace".into(),
+            ))));
+            continue;
+        }
+        let made = EndpointFactory::host_ifname(prefix, id)
+            .map_err(EndpointError::from)
+            .and_then(|host_ifname| {
+                let netns = NetNs::unshare_current_thread()?;
+                let socket = NetlinkSocket::open();
+                if let Err(e) = home.enter_current_thread() {
+                    home_lost = true;
+                    return Err(e.into());
+                }
+                Ok(Staged {
+                    id,
+                    spec,
+                    host_ifname,
+                    netns,
+                    socket: socket?,
+                })
+            });
+        match made {
+            Ok(s) => {
+                results.push(None);
+                staged.push((i, s));
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+
+    // 2. The veth pairs, many per datagram, on the home socket.
+    let peer = IfName::new(ENDPOINT_IFNAME).expect("constant name is valid");
+    let pairs: Vec<Request> = staged
+        .iter()
+        .map(|(_, s)| {
+            Request::create(
+                format!("create veth {} for endpoint {}", s.host_ifname, s.spec.address),
+                messages::veth_pair(
+                    &s.host_ifname,
+                    bridge,
+                    &peer,
+                    std::os::fd::AsRawFd::as_raw_fd(&s.netns),
+                    ENDPOINT_IFINDEX,
+                ),
+            )
+        })
+        .collect();
+    let outcomes = match host.execute(&pairs) {
+        Ok(o) => o,
+        Err(e) => {
+            let why = e.to_string();
+            (0..pairs.len())
+                .map(|_| {
+                    Err(RequestError {
+                        what: "create veth".into(),
+                        source: std::io::Error::other(why.clone()),
+                    })
+                })
+                .collect()
+        }
+    };
+
+    // 3. Inside each endpoint: one datagram of four requests.
+    for ((i, mut s), outcome) in staged.into_iter().zip(outcomes) {
+        let configured = outcome
+            .map_err(EndpointError::from)
+            .and_then(|()| configure_inside(&mut s).map_err(EndpointError::from));
+        results[i] = Some(configured.map(|()| Endpoint {
+            id: s.id,
+            netns: s.netns,
+            host_ifname: s.host_ifname,
+            spec: s.spec,
+        }));
+        // On error `s.netns` drops here: the kernel removes what was built.
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(EndpointError::WorkerGone("no result".into()))))
+        .collect();
+    (results, home_lost)
+}
+
+fn configure_inside(s: &mut Staged) -> Result<(), NetlinkError> {
+    let addr = s.spec.address;
+    s.socket.execute_all(&[
+        Request::change("set lo up", messages::set_up(messages::LOOPBACK_INDEX)),
+        Request::change("set eth0 up", messages::set_up(ENDPOINT_IFINDEX)),
+        Request::create(
+            format!("add {addr} to eth0"),
+            messages::add_ipv4_address(ENDPOINT_IFINDEX, addr.ip(), addr.prefix()),
+        ),
+        Request::create(
+            format!("add default route via {}", s.spec.gateway),
+            messages::default_route(s.spec.gateway, ENDPOINT_IFINDEX),
+        ),
+    ])
+}

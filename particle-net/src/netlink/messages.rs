@@ -1,0 +1,175 @@
+//! Builders for the few rtnetlink messages Particle sends.
+
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use crate::names::IfName;
+
+/// The loopback device's index in every namespace.
+pub const LOOPBACK_INDEX: u32 = 1;
+
+/// A veth pair: `host` in the socket's namespace, up, attached to `master`;
+/// its peer created straight inside the namespace `peer_ns` as `peer` with
+/// index `peer_index`. One request instead of create + move + rename. The peer
+/// cannot be set up here (the kernel answers ENOTCONN); bring it up from inside.
+pub fn veth_pair(
+    host: &IfName,
+    master: Option<u32>,
+    peer: &IfName,
+    peer_ns: RawFd,
+    peer_index: u32,
+) -> RouteNetlinkMessage {
+    let mut peer_msg = LinkMessage::default();
+    peer_msg.header.index = peer_index;
+    peer_msg.attributes = vec![
+        LinkAttribute::IfName(peer.to_string()),
+        LinkAttribute::NetNsFd(peer_ns),
+    ];
+
+    let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg.attributes = vec![
+        LinkAttribute::IfName(host.to_string()),
+        LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
+        ]),
+    ];
+    if let Some(master) = master {
+        msg.attributes.push(LinkAttribute::Controller(master));
+    }
+    RouteNetlinkMessage::NewLink(msg)
+}
+
+/// A bridge, up. Learning-free forwarding is the overlay's business; a plain
+/// bridge is what the endpoints of one node and tenant share.
+pub fn bridge(name: &IfName) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg.attributes = vec![
+        LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
+    ];
+    RouteNetlinkMessage::NewLink(msg)
+}
+
+/// Sets the link with this index up.
+pub fn set_up(index: u32) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    RouteNetlinkMessage::SetLink(msg)
+}
+
+/// Deletes a link by name.
+pub fn delete_link(name: &str) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes = vec![LinkAttribute::IfName(name.to_string())];
+    RouteNetlinkMessage::DelLink(msg)
+}
+
+/// Looks a link up by name (non-dump GET).
+pub fn get_link(name: &IfName) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes = vec![LinkAttribute::IfName(name.to_string())];
+    RouteNetlinkMessage::GetLink(msg)
+}
+
+/// Dumps all links.
+pub fn dump_links() -> RouteNetlinkMessage {
+    RouteNetlinkMessage::GetLink(LinkMessage::default())
+}
+
+/// Dumps all IPv4 addresses.
+pub fn dump_ipv4_addresses() -> RouteNetlinkMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    RouteNetlinkMessage::GetAddress(msg)
+}
+
+/// Dumps the main IPv4 routing table.
+pub fn dump_ipv4_routes() -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    RouteNetlinkMessage::GetRoute(msg)
+}
+
+/// An IPv4 address on the link with this index.
+pub fn add_ipv4_address(index: u32, address: Ipv4Addr, prefix_len: u8) -> RouteNetlinkMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = prefix_len;
+    msg.header.scope = AddressScope::Universe;
+    msg.header.index = index;
+    msg.attributes = vec![
+        AddressAttribute::Local(address.into()),
+        AddressAttribute::Address(address.into()),
+    ];
+    if let Some(broadcast) = broadcast_of(address, prefix_len) {
+        msg.attributes.push(AddressAttribute::Broadcast(broadcast));
+    }
+    RouteNetlinkMessage::NewAddress(msg)
+}
+
+/// The default IPv4 route via `gateway` out of the link with this index.
+pub fn default_route(gateway: Ipv4Addr, oif: u32) -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Static;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    msg.attributes = vec![
+        RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
+        RouteAttribute::Oif(oif),
+    ];
+    RouteNetlinkMessage::NewRoute(msg)
+}
+
+fn broadcast_of(address: Ipv4Addr, prefix_len: u8) -> Option<Ipv4Addr> {
+    (prefix_len < 31).then(|| {
+        let host_mask = u32::MAX.checked_shr(u32::from(prefix_len)).unwrap_or(0);
+        Ipv4Addr::from(u32::from(address) | host_mask)
+    })
+}
+
+/// The name of a link in a dump reply.
+pub fn link_name(msg: &LinkMessage) -> Option<&str> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// The bridge (or other controller) a link is attached to.
+pub fn link_master(msg: &LinkMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_follows_the_prefix() {
+        let a = Ipv4Addr::new(10, 1, 2, 3);
+        assert_eq!(broadcast_of(a, 24), Some(Ipv4Addr::new(10, 1, 2, 255)));
+        assert_eq!(broadcast_of(a, 0), Some(Ipv4Addr::BROADCAST));
+        assert_eq!(broadcast_of(a, 31), None);
+    }
+}

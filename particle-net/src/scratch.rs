@@ -1,0 +1,58 @@
+//! A throwaway namespace with a bridge in it: where tests and benchmarks build
+//! endpoints, so nothing ever lands in the machine's own namespace. It is held
+//! by fd (and, when a tool needs a path, mounted under the run's prefix): when
+//! it goes, the kernel removes everything inside it.
+
+use crate::bridge::Bridge;
+use crate::endpoint::{EndpointFactory, FactoryConfig};
+use crate::ipam::AddressBlock;
+use crate::names::{IfName, RunPrefix};
+use crate::netlink::NetlinkSocket;
+use crate::netns::NetNs;
+use crate::EndpointError;
+
+/// A scratch namespace with a bridge whose address is `block`'s gateway.
+#[derive(Debug)]
+pub struct ScratchNode {
+    pub netns: NetNs,
+    pub socket: NetlinkSocket,
+    pub bridge: Bridge,
+    pub block: AddressBlock,
+    pub prefix: RunPrefix,
+}
+
+impl ScratchNode {
+    pub fn new(prefix: &RunPrefix, block: AddressBlock) -> Result<Self, EndpointError> {
+        let (netns, socket) = NetNs::create_with(NetlinkSocket::open)?;
+        let mut socket = socket?;
+        let bridge_name: IfName = prefix.ifname('b', 0)?;
+        let bridge = Bridge::create(&mut socket, &bridge_name, Some(block.gateway_cidr()))?;
+        Ok(Self {
+            netns,
+            socket,
+            bridge,
+            block,
+            prefix: prefix.clone(),
+        })
+    }
+
+    /// A factory that builds endpoints attached to this node's bridge.
+    pub fn factory(&self, workers: usize) -> Result<EndpointFactory, EndpointError> {
+        EndpointFactory::new(FactoryConfig {
+            home: self.netns.try_clone()?,
+            bridge_index: Some(self.bridge.index),
+            prefix: self.prefix.clone(),
+            workers,
+        })
+    }
+
+    /// Links in the node's namespace other than `lo` and the bridge.
+    pub fn extra_links(&mut self) -> Result<Vec<String>, EndpointError> {
+        let bridge = self.bridge.name.as_str().to_string();
+        Ok(crate::endpoint::list_links(&mut self.socket)?
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n != "lo" && *n != bridge)
+            .collect())
+    }
+}

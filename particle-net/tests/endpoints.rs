@@ -1,0 +1,102 @@
+//! Endpoints built by the batched factory, checked from the kernel's side.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::{eventually, scratch};
+use particle_net::endpoint::{ENDPOINT_IFINDEX, ENDPOINT_IFNAME};
+use particle_net::EndpointSpec;
+
+#[test]
+fn endpoints_are_built_attached_and_reach_each_other() {
+    let mut t = scratch("10.200.0.0/24");
+    let factory = t.node.factory(2).unwrap();
+    let specs: Vec<_> = t
+        .node
+        .block
+        .allocate_many(5)
+        .into_iter()
+        .map(|address| EndpointSpec {
+            address,
+            gateway: t.node.block.gateway(),
+        })
+        .collect();
+    let endpoints: Vec<_> = factory
+        .create_batch(&specs)
+        .into_iter()
+        .map(|r| r.expect("endpoint"))
+        .collect();
+
+    // Inside: lo and eth0 up, the address, the default route.
+    for (ep, spec) in endpoints.iter().zip(&specs) {
+        assert_eq!(ep.address(), spec.address);
+        let state = ep.inspect().unwrap();
+        let names: Vec<_> = state.links.iter().map(|l| (l.name.as_str(), l.up)).collect();
+        assert_eq!(names, [("lo", true), (ENDPOINT_IFNAME, true)]);
+        assert!(state.ipv4.contains(&(ENDPOINT_IFINDEX, spec.address)));
+        assert!(ep.is_clean().unwrap());
+        let routes = ep
+            .netns()
+            .command("ip")
+            .args(["-4", "route", "show", "default"])
+            .output()
+            .unwrap();
+        let routes = String::from_utf8_lossy(&routes.stdout);
+        assert!(
+            routes.contains(&format!("default via {} dev eth0", spec.gateway)),
+            "{routes}"
+        );
+    }
+
+    // Outside: every host end up and attached to the bridge.
+    let links = particle_net::endpoint::list_links(&mut t.node.socket).unwrap();
+    for ep in &endpoints {
+        let host = links
+            .iter()
+            .find(|l| l.name == ep.host_ifname().as_str())
+            .expect("host end");
+        assert!(host.up);
+        assert_eq!(host.master, Some(t.node.bridge.index));
+    }
+
+    // A ping and a TCP exchange from one endpoint to another through the bridge.
+    let (a, b) = (&endpoints[0], &endpoints[4]);
+    let ping = a
+        .netns()
+        .command("ping")
+        .args(["-c", "1", "-W", "2", &b.address().ip().to_string()])
+        .output()
+        .expect("ping is installed (scripts/install-deps)");
+    assert!(ping.status.success(), "{ping:?}");
+
+    let listener = b
+        .netns()
+        .run_in(|| TcpListener::bind((b.address().ip(), 7000)))
+        .unwrap()
+        .unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"pong!").unwrap();
+        (buf, peer.ip())
+    });
+    let target = (b.address().ip(), 7000);
+    let mut client = a.netns().run_in(|| TcpStream::connect(target)).unwrap().unwrap();
+    client.write_all(b"ping!").unwrap();
+    let mut reply = [0u8; 5];
+    client.read_exact(&mut reply).unwrap();
+    let (got, peer) = server.join().unwrap();
+    assert_eq!(&got, b"ping!");
+    assert_eq!(&reply, b"pong!");
+    assert_eq!(peer, std::net::IpAddr::V4(a.address().ip()));
+
+    // Teardown: dropping the endpoints removes every host end.
+    drop(endpoints);
+    eventually("host ends removed", Duration::from_secs(5), || {
+        t.node.extra_links().unwrap().is_empty()
+    });
+}
