@@ -1,0 +1,128 @@
+//! Garbage collection of what crashed runs left behind.
+//!
+//! Namespaces held only by fd die with their process, and their veth pairs with
+//! them, so a crash leaves only what has a life of its own: bind-mounted
+//! namespaces under `/run/netns` and links (bridges, host ends of pairs whose
+//! namespace is mounted) in a namespace that outlives the run. An object is
+//! collected when its name carries a run prefix whose lock file exists but is
+//! no longer locked (see [`crate::names`]): the run is known to be Particle's
+//! and known to be dead. Live runs and unknown names are never touched.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::bridge::delete_link;
+use crate::endpoint::list_links;
+use crate::names::{RunPrefix, RUN_DIR};
+use crate::netlink::{NetlinkError, NetlinkSocket};
+use crate::netns::{unmount_path, NETNS_RUN_DIR};
+
+/// What a collection removed, and what it could not.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    pub namespaces: Vec<String>,
+    pub links: Vec<String>,
+    pub runs: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl GcReport {
+    pub fn removed(&self) -> usize {
+        self.namespaces.len() + self.links.len()
+    }
+
+    fn merge(&mut self, other: GcReport) {
+        self.namespaces.extend(other.namespaces);
+        self.links.extend(other.links);
+        self.runs.extend(other.runs);
+        self.errors.extend(other.errors);
+    }
+}
+
+fn dead_run(name: &str) -> Option<RunPrefix> {
+    RunPrefix::of_name(name).filter(|p| p.lock_path().exists() && !p.is_live())
+}
+
+/// Unmounts and removes dead runs' named namespaces under `/run/netns`.
+pub fn collect_mounted_namespaces() -> GcReport {
+    collect_mounted_namespaces_in(Path::new(NETNS_RUN_DIR))
+}
+
+fn collect_mounted_namespaces_in(dir: &Path) -> GcReport {
+    let mut report = GcReport::default();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return report;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if dead_run(&name).is_none() {
+            continue;
+        }
+        match unmount_path(&entry.path()) {
+            Ok(()) => report.namespaces.push(name),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    report
+}
+
+/// Deletes dead runs' links in the socket's namespace.
+pub fn collect_links(socket: &mut NetlinkSocket) -> GcReport {
+    let mut report = GcReport::default();
+    let links = match list_links(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            report.errors.push(format!("listing links: {e}"));
+            return report;
+        }
+    };
+    for link in links {
+        if dead_run(&link.name).is_none() {
+            continue;
+        }
+        match delete_link(socket, &link.name) {
+            Ok(()) => report.links.push(link.name),
+            // Gone already: its namespace or its peer went first.
+            Err(NetlinkError::Request(e)) if e.errno() == Some(nix::libc::ENODEV) => {}
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    report
+}
+
+/// Removes the lock files of dead runs (after their objects are gone).
+pub fn collect_run_locks() -> GcReport {
+    let mut report = GcReport::default();
+    let Ok(entries) = fs::read_dir(RUN_DIR) else {
+        return report;
+    };
+    let dead: BTreeSet<PathBuf> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let prefix = name.strip_suffix(".lock")?;
+            dead_run(prefix).map(|_| e.path())
+        })
+        .collect();
+    for path in dead {
+        match fs::remove_file(&path) {
+            Ok(()) => report
+                .runs
+                .push(path.file_stem().unwrap_or_default().to_string_lossy().into()),
+            Err(e) => report.errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    report
+}
+
+/// Collects everything: mounted namespaces, links in the socket's namespace
+/// (if given), then the dead runs' lock files.
+pub fn collect(socket: Option<&mut NetlinkSocket>) -> GcReport {
+    let mut report = collect_mounted_namespaces();
+    if let Some(socket) = socket {
+        report.merge(collect_links(socket));
+    }
+    report.merge(collect_run_locks());
+    report
+}

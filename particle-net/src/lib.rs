@@ -28,3 +28,4 @@ pub use names::{IfName, NameError, Run, RunPrefix};
 pub use netlink::{NetlinkError, NetlinkSocket, Request, RequestError};
 pub use netns::{NetNs, NetNsError};
 
+pub use pool::{EndpointPool, PoolConfig, PoolError, PoolStats, PooledEndpoint};

@@ -1,0 +1,449 @@
+//! The warm endpoint pool.
+//!
+//! `claim()` pops a ready endpoint: a short critical section, no netlink, no
+//! I/O. Two background threads do everything else:
+//!
+//! - the *refiller* owns the [`EndpointFactory`]; woken when the level drops
+//!   below the low watermark, it builds batches until the high watermark;
+//! - the *recycler* takes returned endpoints: a clean one (nothing but `lo` and
+//!   `eth0`, only its own address) goes back to the pool, anything else is
+//!   destroyed by closing its namespace, which lets the kernel tear the
+//!   namespace and its veth pair down in one go (deleting links one by one
+//!   costs ~16 ms each here).
+
+use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::endpoint::{Endpoint, EndpointFactory, EndpointSpec};
+use crate::ipam::AddressBlock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// The refiller stops building at this many ready endpoints.
+    pub high_watermark: usize,
+    /// A claim that leaves fewer ready endpoints than this wakes the refiller.
+    pub low_watermark: usize,
+    /// Endpoints built per batch.
+    pub batch_size: usize,
+}
+
+impl PoolConfig {
+    /// A pool that keeps `target` endpoints warm and refills when a quarter is gone.
+    pub fn warm(target: usize) -> Self {
+        Self {
+            high_watermark: target,
+            low_watermark: target - target / 4,
+            batch_size: 64,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), PoolError> {
+        let problem = if self.high_watermark == 0 {
+            Some("high watermark must be at least 1".to_string())
+        } else if self.low_watermark > self.high_watermark {
+            Some(format!(
+                "low watermark {} is above high watermark {}",
+                self.low_watermark, self.high_watermark
+            ))
+        } else if self.batch_size == 0 {
+            Some("batch size must be at least 1".to_string())
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |p| Err(PoolError::Config(p)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("no warm endpoint ready ({building} being built); the burst is larger than the pool")]
+    Empty { building: usize },
+    #[error("invalid pool configuration: {0}")]
+    Config(String),
+    #[error("timed out after {waited:?} with {ready} of {wanted} endpoints ready (last error: {last_error})")]
+    NotReady {
+        waited: Duration,
+        ready: usize,
+        wanted: usize,
+        last_error: String,
+    },
+}
+
+/// Counters since the pool started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub ready: usize,
+    pub building: usize,
+    pub claimed: u64,
+    pub empty_claims: u64,
+    pub created: u64,
+    pub recycled: u64,
+    pub destroyed: u64,
+    pub build_errors: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    building: AtomicUsize,
+    claimed: AtomicU64,
+    empty_claims: AtomicU64,
+    created: AtomicU64,
+    recycled: AtomicU64,
+    destroyed: AtomicU64,
+    build_errors: AtomicU64,
+}
+
+#[derive(Default)]
+struct Wakeup {
+    refill: bool,
+    shutdown: bool,
+}
+
+struct Shared {
+    config: PoolConfig,
+    ready: Mutex<VecDeque<Endpoint>>,
+    /// Signalled whenever endpoints are added to `ready`.
+    filled: Condvar,
+    block: Mutex<AddressBlock>,
+    wakeup: Mutex<Wakeup>,
+    wakeup_signal: Condvar,
+    returns: Mutex<Option<Sender<Returned>>>,
+    counters: Counters,
+    last_error: Mutex<Option<String>>,
+}
+
+struct Returned {
+    endpoint: Endpoint,
+    reuse: bool,
+}
+
+/// A warm pool of endpoints built by one factory from one address block.
+pub struct EndpointPool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPool")
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the pool: the data stays consistent
+    // because every critical section is a single push, pop or flag write.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl EndpointPool {
+    /// Starts the pool and its first refill.
+    pub fn start(
+        factory: EndpointFactory,
+        block: AddressBlock,
+        config: PoolConfig,
+    ) -> Result<Self, PoolError> {
+        config.validate()?;
+        let (returns_tx, returns_rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            config,
+            ready: Mutex::new(VecDeque::with_capacity(config.high_watermark)),
+            filled: Condvar::new(),
+            block: Mutex::new(block),
+            wakeup: Mutex::new(Wakeup {
+                refill: true,
+                shutdown: false,
+            }),
+            wakeup_signal: Condvar::new(),
+            returns: Mutex::new(Some(returns_tx)),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+        });
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(f)
+                .map_err(|e| PoolError::Config(format!("cannot start {name}: {e}")))
+        };
+        let refiller = {
+            let shared = shared.clone();
+            spawn("pool-refiller", Box::new(move || refiller(&shared, factory)))?
+        };
+        let recycler = {
+            let shared = shared.clone();
+            spawn("pool-recycler", Box::new(move || recycler(&shared, returns_rx)))?
+        };
+        Ok(Self {
+            shared,
+            threads: vec![refiller, recycler],
+        })
+    }
+
+    /// Takes a ready endpoint. Never waits for the kernel; an empty pool is an
+    /// error the caller handles (e.g. by building the rest cold).
+    pub fn claim(&self) -> Result<PooledEndpoint, PoolError> {
+        let (endpoint, left) = {
+            let mut ready = lock(&self.shared.ready);
+            let endpoint = ready.pop_front();
+            (endpoint, ready.len())
+        };
+        if left < self.shared.config.low_watermark {
+            self.shared.request_refill();
+        }
+        let c = &self.shared.counters;
+        match endpoint {
+            Some(endpoint) => {
+                c.claimed.fetch_add(1, Ordering::Relaxed);
+                Ok(PooledEndpoint {
+                    endpoint: Some(endpoint),
+                    pool: self.shared.clone(),
+                })
+            }
+            None => {
+                c.empty_claims.fetch_add(1, Ordering::Relaxed);
+                Err(PoolError::Empty {
+                    building: c.building.load(Ordering::Relaxed),
+                })
+            }
+        }
+    }
+
+    /// Ready endpoints right now.
+    pub fn level(&self) -> usize {
+        lock(&self.shared.ready).len()
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.shared.config
+    }
+
+    /// Blocks until at least `wanted` endpoints are ready (warming before a
+    /// burst), or fails after `timeout` saying how far it got.
+    pub fn wait_ready(&self, wanted: usize, timeout: Duration) -> Result<(), PoolError> {
+        let start = Instant::now();
+        let mut ready = lock(&self.shared.ready);
+        while ready.len() < wanted {
+            let waited = start.elapsed();
+            if waited >= timeout {
+                let level = ready.len();
+                drop(ready);
+                return Err(PoolError::NotReady {
+                    waited,
+                    ready: level,
+                    wanted,
+                    last_error: lock(&self.shared.last_error)
+                        .clone()
+                        .unwrap_or_else(|| "none".into()),
+                });
+            }
+            ready = self
+                .shared
+                .filled
+                .wait_timeout(ready, timeout - waited)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.shared.counters;
+        PoolStats {
+            ready: self.level(),
+            building: c.building.load(Ordering::Relaxed),
+            claimed: c.claimed.load(Ordering::Relaxed),
+            empty_claims: c.empty_claims.load(Ordering::Relaxed),
+            created: c.created.load(Ordering::Relaxed),
+            recycled: c.recycled.load(Ordering::Relaxed),
+            destroyed: c.destroyed.load(Ordering::Relaxed),
+            build_errors: c.build_errors.load(Ordering::Relaxed),
+            last_error: lock(&self.shared.last_error).clone(),
+        }
+    }
+
+    /// Addresses of the block in use (pooled, claimed or being built).
+    pub fn addresses_in_use(&self) -> usize {
+        lock(&self.shared.block).in_use()
+    }
+}
+
+impl Drop for EndpointPool {
+    fn drop(&mut self) {
+        {
+            let mut w = lock(&self.shared.wakeup);
+            w.shutdown = true;
+        }
+        self.shared.wakeup_signal.notify_all();
+        // Closing the channel ends the recycler once it has drained what was returned.
+        lock(&self.shared.returns).take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let drained: Vec<_> = lock(&self.shared.ready).drain(..).collect();
+        for ep in drained {
+            self.shared.destroy(ep);
+        }
+    }
+}
+
+impl Shared {
+    fn request_refill(&self) {
+        let mut w = lock(&self.wakeup);
+        if !w.refill {
+            w.refill = true;
+            self.wakeup_signal.notify_one();
+        }
+    }
+
+    fn push_ready(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
+        lock(&self.ready).extend(endpoints);
+        self.filled.notify_all();
+    }
+
+    fn destroy(&self, endpoint: Endpoint) {
+        let address = endpoint.address().ip();
+        drop(endpoint);
+        if let Err(e) = lock(&self.block).release(address) {
+            tracing::warn!("releasing a destroyed endpoint's address: {e}");
+        }
+        self.counters.destroyed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn record_error(&self, error: String) {
+        self.counters.build_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("endpoint build failed: {error}");
+        *lock(&self.last_error) = Some(error);
+    }
+
+    fn give_back(&self, endpoint: Endpoint, reuse: bool) {
+        let sender = lock(&self.returns).clone();
+        let returned = Returned { endpoint, reuse };
+        if let Some(Err(mpsc::SendError(r))) = sender.map(|s| s.send(returned)) {
+            self.destroy(r.endpoint);
+        }
+    }
+}
+
+fn refiller(shared: &Shared, factory: EndpointFactory) {
+    let config = shared.config;
+    loop {
+        {
+            let mut w = lock(&shared.wakeup);
+            while !w.refill && !w.shutdown {
+                w = shared
+                    .wakeup_signal
+                    .wait(w)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            if w.shutdown {
+                return;
+            }
+            w.refill = false;
+        }
+        loop {
+            let level = lock(&shared.ready).len();
+            if level >= config.high_watermark || lock(&shared.wakeup).shutdown {
+                break;
+            }
+            let want = config.batch_size.min(config.high_watermark - level);
+            let addresses = lock(&shared.block).allocate_many(want);
+            if addresses.is_empty() {
+                let block = lock(&shared.block).network();
+                shared.record_error(format!("address block {block} is exhausted"));
+                break;
+            }
+            let gateway = lock(&shared.block).gateway();
+            let specs: Vec<_> = addresses
+                .into_iter()
+                .map(|address| EndpointSpec { address, gateway })
+                .collect();
+            shared
+                .counters
+                .building
+                .store(specs.len(), Ordering::Relaxed);
+            let mut built = Vec::with_capacity(specs.len());
+            for (spec, result) in specs.iter().zip(factory.create_batch(&specs)) {
+                match result {
+                    Ok(ep) => built.push(ep),
+                    Err(e) => {
+                        let _ = lock(&shared.block).release(spec.address.ip());
+                        shared.record_error(e.to_string());
+                    }
+                }
+            }
+            shared.counters.building.store(0, Ordering::Relaxed);
+            let made = built.len();
+            shared
+                .counters
+                .created
+                .fetch_add(made as u64, Ordering::Relaxed);
+            shared.push_ready(built);
+            if made == 0 {
+                // Every build failed: wait for the next claim rather than spin.
+                break;
+            }
+        }
+    }
+}
+
+fn recycler(shared: &Shared, returns: Receiver<Returned>) {
+    for Returned { endpoint, reuse } in returns {
+        let room = lock(&shared.ready).len() < shared.config.high_watermark;
+        let clean = reuse && room && endpoint.is_clean().unwrap_or(false);
+        if clean {
+            shared.counters.recycled.fetch_add(1, Ordering::Relaxed);
+            shared.push_ready([endpoint]);
+        } else {
+            shared.destroy(endpoint);
+        }
+    }
+}
+
+/// A claimed endpoint. Dropping it returns it to the pool's recycler, which
+/// reuses it if it is clean and destroys it otherwise, off the caller's path.
+#[derive(Debug)]
+pub struct PooledEndpoint {
+    endpoint: Option<Endpoint>,
+    pool: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolShared")
+    }
+}
+
+impl PooledEndpoint {
+    /// Returns the endpoint for destruction instead of reuse (e.g. after a
+    /// function crashed in it).
+    pub fn discard(mut self) {
+        if let Some(ep) = self.endpoint.take() {
+            self.pool.give_back(ep, false);
+        }
+    }
+}
+
+impl Deref for PooledEndpoint {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        self.endpoint
+            .as_ref()
+            .expect("endpoint is present until drop or discard")
+    }
+}
+
+impl Drop for PooledEndpoint {
+    fn drop(&mut self) {
+        if let Some(ep) = self.endpoint.take() {
+            self.pool.give_back(ep, true);
+        }
+    }
+}

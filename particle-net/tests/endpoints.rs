@@ -94,7 +94,9 @@ fn endpoints_are_built_attached_and_reach_each_other() {
     assert_eq!(&reply, b"pong!");
     assert_eq!(peer, std::net::IpAddr::V4(a.address().ip()));
 
-    // Teardown: dropping the endpoints removes every host end.
+    // Teardown: dropping the endpoints (and the sockets opened inside them)
+    // removes every host end.
+    drop(client);
     drop(endpoints);
     eventually("host ends removed", Duration::from_secs(5), || {
         t.node.extra_links().unwrap().is_empty()

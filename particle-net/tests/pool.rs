@@ -1,0 +1,125 @@
+//! The warm pool against the real kernel: refill, claim, recycle, destroy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, scratch};
+use particle_net::{EndpointPool, PoolConfig, PoolError};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[test]
+fn pool_fills_claims_refills_and_recycles_clean_endpoints() {
+    let mut t = scratch("10.201.0.0/24");
+    let config = PoolConfig {
+        high_watermark: 8,
+        low_watermark: 4,
+        batch_size: 3,
+    };
+    let block = t.node.block.clone();
+    let pool = EndpointPool::start(t.node.factory(2).unwrap(), block, config).unwrap();
+    pool.wait_ready(8, WAIT).unwrap();
+    assert_eq!(pool.level(), 8);
+    assert_eq!(t.node.extra_links().unwrap().len(), 8, "one host end each");
+
+    // Claims below the low watermark wake the refiller, which tops up.
+    let claimed: Vec<_> = (0..5).map(|_| pool.claim().unwrap()).collect();
+    pool.wait_ready(8, WAIT).unwrap();
+    assert_eq!(pool.stats().created, 13);
+    let addresses: std::collections::BTreeSet<_> = claimed.iter().map(|e| e.address()).collect();
+    assert_eq!(addresses.len(), 5, "every claim has its own address");
+
+    // A clean endpoint released while the pool is below high goes back; one
+    // released into a full pool is destroyed.
+    let mut claimed = claimed;
+    let extra = pool.claim().unwrap(); // leaves 7 ready: room for one
+    drop(claimed.remove(0));
+    eventually("one recycled", WAIT, || pool.stats().recycled == 1);
+    assert_eq!(pool.level(), 8);
+    assert_eq!(pool.stats().destroyed, 0);
+    drop(extra);
+    eventually("one destroyed", WAIT, || pool.stats().destroyed == 1);
+    assert_eq!(pool.stats().recycled, 1);
+    assert_eq!(pool.addresses_in_use(), 8 + claimed.len());
+    drop(claimed);
+
+    drop(pool);
+    eventually("all host ends gone", WAIT, || {
+        t.node.extra_links().unwrap().is_empty()
+    });
+}
+
+#[test]
+fn dirty_or_discarded_endpoints_are_destroyed_not_reused() {
+    let mut t = scratch("10.202.0.0/24");
+    let config = PoolConfig {
+        high_watermark: 4,
+        low_watermark: 0,
+        batch_size: 4,
+    };
+    let pool = EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config)
+        .unwrap();
+    pool.wait_ready(4, WAIT).unwrap();
+
+    // A function left a bridge behind in its namespace: not clean.
+    let dirty = pool.claim().unwrap();
+    let added = dirty
+        .netns()
+        .command("ip")
+        .args(["link", "add", "leftover0", "type", "bridge"])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    assert!(!dirty.is_clean().unwrap());
+    let dirty_host = dirty.host_ifname().to_string();
+    drop(dirty);
+    // A function that crashed: discarded even though clean.
+    let crashed = pool.claim().unwrap();
+    let crashed_host = crashed.host_ifname().to_string();
+    crashed.discard();
+
+    eventually("both destroyed", WAIT, || pool.stats().destroyed == 2);
+    assert_eq!(pool.stats().recycled, 0);
+    eventually("their host ends gone", WAIT, || {
+        let links = t.node.extra_links().unwrap();
+        !links.contains(&dirty_host) && !links.contains(&crashed_host)
+    });
+    assert_eq!(pool.addresses_in_use(), 2, "destroyed endpoints' addresses are free");
+}
+
+#[test]
+fn claim_from_an_empty_pool_is_a_clear_error() {
+    let t = scratch("10.203.0.0/29");
+    // A /29 has 5 endpoint addresses: the pool cannot reach its high watermark.
+    let config = PoolConfig {
+        high_watermark: 8,
+        low_watermark: 8,
+        batch_size: 8,
+    };
+    let pool = EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config)
+        .unwrap();
+    let err = pool.wait_ready(8, Duration::from_secs(3)).unwrap_err();
+    assert!(err.to_string().contains("exhausted"), "{err}");
+    let held: Vec<_> = (0..5).map(|_| pool.claim().unwrap()).collect();
+    let err = pool.claim().unwrap_err();
+    assert!(matches!(err, PoolError::Empty { .. }), "{err}");
+    assert!(err.to_string().contains("no warm endpoint"), "{err}");
+    assert_eq!(pool.stats().empty_claims, 1);
+    assert_eq!(held.len(), 5);
+}
+
+#[test]
+fn bad_pool_configs_are_refused() {
+    let t = scratch("10.204.0.0/24");
+    for (high, low, batch) in [(0, 0, 1), (4, 5, 1), (4, 1, 0)] {
+        let config = PoolConfig {
+            high_watermark: high,
+            low_watermark: low,
+            batch_size: batch,
+        };
+        let err = EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config)
+            .unwrap_err();
+        assert!(matches!(err, PoolError::Config(_)), "{err}");
+    }
+}
