@@ -1,1 +1,7 @@
+//! Particle's benchmarks. Each one runs the real baselines and Particle in the
+//! same run, on the same machine, and reports rates and ratios: these machines
+//! are noisy, so an absolute time alone proves nothing.
 
+pub mod baselines;
+pub mod endpoints;
+pub mod stats;

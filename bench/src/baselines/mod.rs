@@ -1,0 +1,3 @@
+//! Real baselines: the tools operators use today, run as they run them.
+
+pub mod ip;
