@@ -81,7 +81,10 @@ pub fn run(opts: &Options) -> Result<Report> {
         let eps = ip_endpoints(&prefix, &mut node.block, 'c', n)?;
         let guard = NamespacesGuard(eps.iter().map(|e| e.netns.clone()).collect());
         tracing::info!("ip, one process per command: {n} endpoints");
-        (Some(ip::create_per_command(&scratch_name, &bridge, &eps)?), guard)
+        (
+            Some(ip::create_per_command(&scratch_name, &bridge, &eps)?),
+            guard,
+        )
     };
     drop(cmd_guard);
 
@@ -106,7 +109,10 @@ pub fn run(opts: &Options) -> Result<Report> {
     let particle = start.elapsed();
     let failures: Vec<_> = built.iter().filter_map(|r| r.as_ref().err()).collect();
     if let Some(first) = failures.first() {
-        bail!("{} of {n} particle endpoints failed, first: {first}", failures.len());
+        bail!(
+            "{} of {n} particle endpoints failed, first: {first}",
+            failures.len()
+        );
     }
     drop(built);
 
@@ -235,8 +241,18 @@ pub fn render(r: &Report) -> String {
         "  {:<28} {:>11} {:>13} {:>9}\n",
         "method", "total", "rate", "vs batch"
     ));
-    row(&mut out, "ip, one process per command", r.ip_cmd_s, r.ip_cmd_per_s);
-    row(&mut out, "ip -batch", Some(r.ip_batch_s), Some(r.ip_batch_per_s));
+    row(
+        &mut out,
+        "ip, one process per command",
+        r.ip_cmd_s,
+        r.ip_cmd_per_s,
+    );
+    row(
+        &mut out,
+        "ip -batch",
+        Some(r.ip_batch_s),
+        Some(r.ip_batch_per_s),
+    );
     row(
         &mut out,
         "particle batched engine",

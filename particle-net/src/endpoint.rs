@@ -106,7 +106,11 @@ impl Endpoint {
     /// interface or an address leaves an endpoint that must not be reused.
     pub fn is_clean(&self) -> Result<bool, EndpointError> {
         let state = self.inspect()?;
-        let mut links: Vec<_> = state.links.iter().map(|l| (l.name.as_str(), l.up)).collect();
+        let mut links: Vec<_> = state
+            .links
+            .iter()
+            .map(|l| (l.name.as_str(), l.up))
+            .collect();
         links.sort();
         let mut addrs: Vec<_> = state
             .ipv4
@@ -402,7 +406,10 @@ fn build(
         .iter()
         .map(|(_, s)| {
             Request::create(
-                format!("create veth {} for endpoint {}", s.host_ifname, s.spec.address),
+                format!(
+                    "create veth {} for endpoint {}",
+                    s.host_ifname, s.spec.address
+                ),
                 messages::veth_pair(
                     &s.host_ifname,
                     bridge,

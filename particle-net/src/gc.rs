@@ -107,9 +107,12 @@ pub fn collect_run_locks() -> GcReport {
         .collect();
     for path in dead {
         match fs::remove_file(&path) {
-            Ok(()) => report
-                .runs
-                .push(path.file_stem().unwrap_or_default().to_string_lossy().into()),
+            Ok(()) => report.runs.push(
+                path.file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into(),
+            ),
             Err(e) => report.errors.push(format!("{}: {e}", path.display())),
         }
     }

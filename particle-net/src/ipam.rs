@@ -47,18 +47,18 @@ pub enum IpamError {
 
 /// Parses a CIDR that must name a network exactly (no host bits).
 pub fn parse_network(input: &str) -> Result<Ipv4Network, IpamError> {
-    let given: Ipv4Network = input.trim().parse().map_err(|e: ipnetwork::IpNetworkError| {
-        IpamError::Unparsable {
+    let given: Ipv4Network = input
+        .trim()
+        .parse()
+        .map_err(|e: ipnetwork::IpNetworkError| IpamError::Unparsable {
             input: input.to_string(),
             reason: e.to_string(),
-        }
-    })?;
-    let network = Ipv4Network::new(given.network(), given.prefix()).map_err(|e| {
-        IpamError::Unparsable {
+        })?;
+    let network =
+        Ipv4Network::new(given.network(), given.prefix()).map_err(|e| IpamError::Unparsable {
             input: input.to_string(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     if network.ip() != given.ip() {
         return Err(IpamError::HostBitsSet { given, network });
     }
@@ -364,9 +364,13 @@ mod tests {
     fn overlapping_subnets_are_refused() {
         let mut set = DisjointNetworks::default();
         set.insert(parse_network("10.1.0.0/16").unwrap()).unwrap();
-        let e = set.insert(parse_network("10.1.128.0/17").unwrap()).unwrap_err();
+        let e = set
+            .insert(parse_network("10.1.128.0/17").unwrap())
+            .unwrap_err();
         assert!(matches!(e, IpamError::Overlap { .. }), "{e}");
-        let e = set.insert(parse_network("10.0.0.0/8").unwrap()).unwrap_err();
+        let e = set
+            .insert(parse_network("10.0.0.0/8").unwrap())
+            .unwrap_err();
         assert!(matches!(e, IpamError::Overlap { .. }), "{e}");
         set.insert(parse_network("10.2.0.0/16").unwrap()).unwrap();
         assert!(set.remove(parse_network("10.1.0.0/16").unwrap()));
@@ -376,10 +380,15 @@ mod tests {
     #[test]
     fn subnet_splits_into_node_blocks_until_none_left() {
         let mut t = TenantSubnet::parse("10.9.0.0/22", 24).unwrap();
-        let blocks: Vec<_> = (0..4).map(|_| t.allocate_block().unwrap().network()).collect();
+        let blocks: Vec<_> = (0..4)
+            .map(|_| t.allocate_block().unwrap().network())
+            .collect();
         assert_eq!(blocks[0].to_string(), "10.9.0.0/24");
         assert_eq!(blocks[3].to_string(), "10.9.3.0/24");
-        assert!(matches!(t.allocate_block(), Err(IpamError::NoFreeBlock { .. })));
+        assert!(matches!(
+            t.allocate_block(),
+            Err(IpamError::NoFreeBlock { .. })
+        ));
         t.release_block(blocks[2]).unwrap();
         assert_eq!(t.allocate_block().unwrap().network(), blocks[2]);
         assert!(t.claim_block(blocks[1]).is_err());
@@ -418,8 +427,14 @@ mod tests {
         assert_ne!(next, second);
         assert!(matches!(b.release(a.ip()), Err(IpamError::NotAllocated(_))));
         let outside = Ipv4Addr::new(10, 0, 1, 2);
-        assert!(matches!(b.release(outside), Err(IpamError::NotInBlock { .. })));
-        assert!(matches!(b.release(b.gateway()), Err(IpamError::NotInBlock { .. })));
+        assert!(matches!(
+            b.release(outside),
+            Err(IpamError::NotInBlock { .. })
+        ));
+        assert!(matches!(
+            b.release(b.gateway()),
+            Err(IpamError::NotInBlock { .. })
+        ));
     }
 
     #[test]

@@ -57,7 +57,10 @@ impl IfName {
                 name,
             });
         }
-        if name.bytes().any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace()) {
+        if name
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+        {
             return Err(NameError::BadCharacter(name));
         }
         Ok(Self(name))
@@ -220,8 +223,14 @@ mod tests {
         let err = IfName::new("a".repeat(16)).unwrap_err();
         assert!(err.to_string().contains("16 bytes"), "{err}");
         assert!(matches!(IfName::new(""), Err(NameError::Empty)));
-        assert!(matches!(IfName::new("a/b"), Err(NameError::BadCharacter(_))));
-        assert!(matches!(IfName::new("a b"), Err(NameError::BadCharacter(_))));
+        assert!(matches!(
+            IfName::new("a/b"),
+            Err(NameError::BadCharacter(_))
+        ));
+        assert!(matches!(
+            IfName::new("a b"),
+            Err(NameError::BadCharacter(_))
+        ));
     }
 
     #[test]

@@ -28,7 +28,10 @@ fn a_planted_name_clash_fails_one_endpoint_and_spares_the_rest() {
     assert!(results[0].is_ok());
     assert!(results[2].is_ok());
     let err = results[1].as_ref().unwrap_err().to_string();
-    assert!(err.contains(clash.as_str()) && err.contains("exists"), "{err}");
+    assert!(
+        err.contains(clash.as_str()) && err.contains("exists"),
+        "{err}"
+    );
 
     let mut links = t.node.extra_links().unwrap();
     links.sort();
@@ -49,11 +52,17 @@ fn an_unreachable_gateway_fails_inside_and_leaves_nothing() {
         address: t.node.block.allocate().unwrap(),
         gateway: "192.0.2.1".parse().unwrap(), // not on the endpoint's subnet
     };
-    let err = factory.create_batch(&[spec]).remove(0).unwrap_err().to_string();
+    let err = factory
+        .create_batch(&[spec])
+        .remove(0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("default route via 192.0.2.1"), "{err}");
-    eventually("the half-built endpoint is gone", Duration::from_secs(5), || {
-        t.node.extra_links().unwrap().is_empty()
-    });
+    eventually(
+        "the half-built endpoint is gone",
+        Duration::from_secs(5),
+        || t.node.extra_links().unwrap().is_empty(),
+    );
 }
 
 #[test]

@@ -34,7 +34,11 @@ fn endpoints_are_built_attached_and_reach_each_other() {
     for (ep, spec) in endpoints.iter().zip(&specs) {
         assert_eq!(ep.address(), spec.address);
         let state = ep.inspect().unwrap();
-        let names: Vec<_> = state.links.iter().map(|l| (l.name.as_str(), l.up)).collect();
+        let names: Vec<_> = state
+            .links
+            .iter()
+            .map(|l| (l.name.as_str(), l.up))
+            .collect();
         assert_eq!(names, [("lo", true), (ENDPOINT_IFNAME, true)]);
         assert!(state.ipv4.contains(&(ENDPOINT_IFINDEX, spec.address)));
         assert!(ep.is_clean().unwrap());
@@ -85,7 +89,11 @@ fn endpoints_are_built_attached_and_reach_each_other() {
         (buf, peer.ip())
     });
     let target = (b.address().ip(), 7000);
-    let mut client = a.netns().run_in(|| TcpStream::connect(target)).unwrap().unwrap();
+    let mut client = a
+        .netns()
+        .run_in(|| TcpStream::connect(target))
+        .unwrap()
+        .unwrap();
     client.write_all(b"ping!").unwrap();
     let mut reply = [0u8; 5];
     client.read_exact(&mut reply).unwrap();

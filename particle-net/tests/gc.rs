@@ -51,7 +51,12 @@ fn crashed_runs_leftovers_are_collected() {
         .split("child-prefix=")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("child output: {stdout} {}", String::from_utf8_lossy(&child.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "child output: {stdout} {}",
+                String::from_utf8_lossy(&child.stderr)
+            )
+        });
     let prefix = RunPrefix::parse(prefix).unwrap();
     assert!(!prefix.is_live());
     let child_mount = Path::new("/run/netns").join(prefix.label("scratch"));
@@ -61,7 +66,10 @@ fn crashed_runs_leftovers_are_collected() {
 
     let report = gc::collect(Some(&mut t.node.socket));
     assert!(report.errors.is_empty(), "{report:?}");
-    assert!(report.namespaces.contains(&prefix.label("scratch")), "{report:?}");
+    assert!(
+        report.namespaces.contains(&prefix.label("scratch")),
+        "{report:?}"
+    );
     assert!(report.links.contains(&child_bridge), "{report:?}");
     assert!(report.runs.contains(&prefix.to_string()), "{report:?}");
     assert!(!child_mount.exists());

@@ -111,7 +111,11 @@ pub fn create_per_command(
 
 /// `ip -batch`: one process for the namespaces, one for the host ends, one
 /// per endpoint for its inside.
-pub fn create_batched(scratch_ns: &str, bridge: &str, endpoints: &[IpEndpoint]) -> Result<Duration> {
+pub fn create_batched(
+    scratch_ns: &str,
+    bridge: &str,
+    endpoints: &[IpEndpoint],
+) -> Result<Duration> {
     let start = Instant::now();
     let namespaces: String = endpoints
         .iter()

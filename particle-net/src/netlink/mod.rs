@@ -9,4 +9,6 @@
 pub mod messages;
 mod socket;
 
-pub use socket::{NetlinkError, NetlinkSocket, Request, RequestError, MAX_PER_DATAGRAM};
+pub use socket::{
+    encode_into, NetlinkError, NetlinkSocket, Request, RequestError, MAX_PER_DATAGRAM,
+};

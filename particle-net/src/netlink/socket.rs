@@ -136,7 +136,12 @@ impl NetlinkSocket {
         self.send_buf.clear();
         for request in chunk {
             let seq = self.take_seq();
-            encode_into(&mut self.send_buf, request.message.clone(), request.flags, seq);
+            encode_into(
+                &mut self.send_buf,
+                request.message.clone(),
+                request.flags,
+                seq,
+            );
         }
         self.socket.send(&self.send_buf, 0)?;
 
@@ -226,7 +231,7 @@ impl NetlinkSocket {
 }
 
 /// Serializes one message, 4-byte aligned, onto the end of `buf`.
-pub(crate) fn encode_into(buf: &mut Vec<u8>, message: RouteNetlinkMessage, flags: u16, seq: u32) {
+pub fn encode_into(buf: &mut Vec<u8>, message: RouteNetlinkMessage, flags: u16, seq: u32) {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     header.sequence_number = seq;
@@ -239,9 +244,7 @@ pub(crate) fn encode_into(buf: &mut Vec<u8>, message: RouteNetlinkMessage, flags
 }
 
 /// Splits a datagram into (sequence number, payload) pairs.
-fn parse_all(
-    buf: &[u8],
-) -> Result<Vec<(u32, NetlinkPayload<RouteNetlinkMessage>)>, NetlinkError> {
+fn parse_all(buf: &[u8]) -> Result<Vec<(u32, NetlinkPayload<RouteNetlinkMessage>)>, NetlinkError> {
     let mut out = Vec::new();
     let mut offset = 0;
     while offset < buf.len() {

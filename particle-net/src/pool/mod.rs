@@ -11,13 +11,17 @@
 //!   namespace and its veth pair down in one go (deleting links one by one
 //!   costs ~16 ms each here).
 
-use std::collections::VecDeque;
+mod ready_queue;
+
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use ready_queue::lock;
+pub use ready_queue::ReadyQueue;
 
 use crate::endpoint::{Endpoint, EndpointFactory, EndpointSpec};
 use crate::ipam::AddressBlock;
@@ -78,6 +82,8 @@ pub enum PoolError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
     pub ready: usize,
+    /// Whether the refiller is building right now.
+    pub refilling: bool,
     pub building: usize,
     pub claimed: u64,
     pub empty_claims: u64,
@@ -90,6 +96,7 @@ pub struct PoolStats {
 
 #[derive(Default)]
 struct Counters {
+    refilling: AtomicBool,
     building: AtomicUsize,
     claimed: AtomicU64,
     empty_claims: AtomicU64,
@@ -107,9 +114,7 @@ struct Wakeup {
 
 struct Shared {
     config: PoolConfig,
-    ready: Mutex<VecDeque<Endpoint>>,
-    /// Signalled whenever endpoints are added to `ready`.
-    filled: Condvar,
+    ready: ReadyQueue<Endpoint>,
     block: Mutex<AddressBlock>,
     wakeup: Mutex<Wakeup>,
     wakeup_signal: Condvar,
@@ -138,12 +143,6 @@ impl std::fmt::Debug for EndpointPool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere must not wedge the pool: the data stays consistent
-    // because every critical section is a single push, pop or flag write.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl EndpointPool {
     /// Starts the pool and its first refill.
     pub fn start(
@@ -155,8 +154,7 @@ impl EndpointPool {
         let (returns_tx, returns_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             config,
-            ready: Mutex::new(VecDeque::with_capacity(config.high_watermark)),
-            filled: Condvar::new(),
+            ready: ReadyQueue::new(config.low_watermark, config.high_watermark),
             block: Mutex::new(block),
             wakeup: Mutex::new(Wakeup {
                 refill: true,
@@ -175,11 +173,17 @@ impl EndpointPool {
         };
         let refiller = {
             let shared = shared.clone();
-            spawn("pool-refiller", Box::new(move || refiller(&shared, factory)))?
+            spawn(
+                "pool-refiller",
+                Box::new(move || refiller(&shared, factory)),
+            )?
         };
         let recycler = {
             let shared = shared.clone();
-            spawn("pool-recycler", Box::new(move || recycler(&shared, returns_rx)))?
+            spawn(
+                "pool-recycler",
+                Box::new(move || recycler(&shared, returns_rx)),
+            )?
         };
         Ok(Self {
             shared,
@@ -190,12 +194,8 @@ impl EndpointPool {
     /// Takes a ready endpoint. Never waits for the kernel; an empty pool is an
     /// error the caller handles (e.g. by building the rest cold).
     pub fn claim(&self) -> Result<PooledEndpoint, PoolError> {
-        let (endpoint, left) = {
-            let mut ready = lock(&self.shared.ready);
-            let endpoint = ready.pop_front();
-            (endpoint, ready.len())
-        };
-        if left < self.shared.config.low_watermark {
+        let (endpoint, below_low) = self.shared.ready.take();
+        if below_low {
             self.shared.request_refill();
         }
         let c = &self.shared.counters;
@@ -218,7 +218,7 @@ impl EndpointPool {
 
     /// Ready endpoints right now.
     pub fn level(&self) -> usize {
-        lock(&self.shared.ready).len()
+        self.shared.ready.len()
     }
 
     pub fn config(&self) -> PoolConfig {
@@ -229,35 +229,24 @@ impl EndpointPool {
     /// burst), or fails after `timeout` saying how far it got.
     pub fn wait_ready(&self, wanted: usize, timeout: Duration) -> Result<(), PoolError> {
         let start = Instant::now();
-        let mut ready = lock(&self.shared.ready);
-        while ready.len() < wanted {
-            let waited = start.elapsed();
-            if waited >= timeout {
-                let level = ready.len();
-                drop(ready);
-                return Err(PoolError::NotReady {
-                    waited,
-                    ready: level,
-                    wanted,
-                    last_error: lock(&self.shared.last_error)
-                        .clone()
-                        .unwrap_or_else(|| "none".into()),
-                });
-            }
-            ready = self
-                .shared
-                .filled
-                .wait_timeout(ready, timeout - waited)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        Ok(())
+        self.shared
+            .ready
+            .wait_len(wanted, timeout)
+            .map_err(|ready| PoolError::NotReady {
+                waited: start.elapsed(),
+                ready,
+                wanted,
+                last_error: lock(&self.shared.last_error)
+                    .clone()
+                    .unwrap_or_else(|| "none".into()),
+            })
     }
 
     pub fn stats(&self) -> PoolStats {
         let c = &self.shared.counters;
         PoolStats {
             ready: self.level(),
+            refilling: c.refilling.load(Ordering::SeqCst),
             building: c.building.load(Ordering::Relaxed),
             claimed: c.claimed.load(Ordering::Relaxed),
             empty_claims: c.empty_claims.load(Ordering::Relaxed),
@@ -287,8 +276,7 @@ impl Drop for EndpointPool {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let drained: Vec<_> = lock(&self.shared.ready).drain(..).collect();
-        for ep in drained {
+        for ep in self.shared.ready.drain() {
             self.shared.destroy(ep);
         }
     }
@@ -301,11 +289,6 @@ impl Shared {
             w.refill = true;
             self.wakeup_signal.notify_one();
         }
-    }
-
-    fn push_ready(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
-        lock(&self.ready).extend(endpoints);
-        self.filled.notify_all();
     }
 
     fn destroy(&self, endpoint: Endpoint) {
@@ -348,19 +331,25 @@ fn refiller(shared: &Shared, factory: EndpointFactory) {
             }
             w.refill = false;
         }
+        shared.counters.refilling.store(true, Ordering::SeqCst);
         loop {
-            let level = lock(&shared.ready).len();
-            if level >= config.high_watermark || lock(&shared.wakeup).shutdown {
+            if lock(&shared.wakeup).shutdown {
                 break;
             }
-            let want = config.batch_size.min(config.high_watermark - level);
-            let addresses = lock(&shared.block).allocate_many(want);
+            let room = shared.ready.reserve(config.batch_size);
+            if room == 0 {
+                break;
+            }
+            let (addresses, gateway) = {
+                let mut block = lock(&shared.block);
+                (block.allocate_many(room), block.gateway())
+            };
             if addresses.is_empty() {
+                shared.ready.fill(Vec::new(), room);
                 let block = lock(&shared.block).network();
                 shared.record_error(format!("address block {block} is exhausted"));
                 break;
             }
-            let gateway = lock(&shared.block).gateway();
             let specs: Vec<_> = addresses
                 .into_iter()
                 .map(|address| EndpointSpec { address, gateway })
@@ -385,23 +374,28 @@ fn refiller(shared: &Shared, factory: EndpointFactory) {
                 .counters
                 .created
                 .fetch_add(made as u64, Ordering::Relaxed);
-            shared.push_ready(built);
+            // `built` never exceeds `room`, so nothing comes back.
+            for surplus in shared.ready.fill(built, room) {
+                shared.destroy(surplus);
+            }
             if made == 0 {
                 // Every build failed: wait for the next claim rather than spin.
                 break;
             }
         }
+        shared.counters.refilling.store(false, Ordering::SeqCst);
     }
 }
 
 fn recycler(shared: &Shared, returns: Receiver<Returned>) {
     for Returned { endpoint, reuse } in returns {
-        let room = lock(&shared.ready).len() < shared.config.high_watermark;
-        let clean = reuse && room && endpoint.is_clean().unwrap_or(false);
-        if clean {
+        let room = if reuse { shared.ready.reserve(1) } else { 0 };
+        if room == 1 && endpoint.is_clean().unwrap_or(false) {
+            shared.ready.fill(vec![endpoint], 1);
+            // Counted after the fill, so that whoever sees the count sees the endpoint.
             shared.counters.recycled.fetch_add(1, Ordering::Relaxed);
-            shared.push_ready([endpoint]);
         } else {
+            shared.ready.fill(Vec::new(), room);
             shared.destroy(endpoint);
         }
     }
