@@ -35,6 +35,10 @@ pub struct Report {
     pub ip_cmd_per_s: Option<f64>,
     pub ip_batch_s: f64,
     pub ip_batch_per_s: f64,
+    /// Of `ip_batch_s`: namespaces and host ends (two processes).
+    pub ip_batch_outside_s: f64,
+    /// Of `ip_batch_s`: each endpoint's inside (one `ip -n NS -batch` each).
+    pub ip_batch_inside_s: f64,
     pub particle_s: f64,
     pub particle_per_s: f64,
     /// Particle's rate over `ip -batch`'s, same run.
@@ -92,11 +96,13 @@ pub fn run(opts: &Options) -> Result<Report> {
     let eps = ip_endpoints(&prefix, &mut node.block, 'i', n)?;
     let batch_guard = NamespacesGuard(eps.iter().map(|e| e.netns.clone()).collect());
     tracing::info!("ip -batch: {n} endpoints");
-    let ip_batch = ip::create_batched(&scratch_name, &bridge, &eps)?;
+    let batch_times = ip::create_batched(&scratch_name, &bridge, &eps)?;
+    let ip_batch = batch_times.total();
     drop(batch_guard);
 
     // 3. Particle's batched engine.
     let factory = node.factory(opts.workers)?;
+    let workers = factory.workers();
     let specs: Vec<_> = node
         .block
         .allocate_many(n)
@@ -150,11 +156,13 @@ pub fn run(opts: &Options) -> Result<Report> {
 
     let report = Report {
         count: n,
-        workers: opts.workers,
+        workers,
         ip_cmd_s: ip_cmd.map(|d| d.as_secs_f64()),
         ip_cmd_per_s: ip_cmd.map(|d| rate(n, d)),
         ip_batch_s: ip_batch.as_secs_f64(),
         ip_batch_per_s: rate(n, ip_batch),
+        ip_batch_outside_s: batch_times.outside.as_secs_f64(),
+        ip_batch_inside_s: batch_times.inside.as_secs_f64(),
         particle_s: particle.as_secs_f64(),
         particle_per_s: rate(n, particle),
         particle_vs_ip_batch: ip_batch.as_secs_f64() / particle.as_secs_f64(),
@@ -253,9 +261,13 @@ pub fn render(r: &Report) -> String {
         Some(r.ip_batch_s),
         Some(r.ip_batch_per_s),
     );
+    out.push_str(&format!(
+        "  {:<28} ({:.3} s namespaces + host ends, {:.3} s insides: ip -batch cannot switch namespaces)\n",
+        "", r.ip_batch_outside_s, r.ip_batch_inside_s
+    ));
     row(
         &mut out,
-        "particle batched engine",
+        &format!("particle, {} workers", r.workers),
         Some(r.particle_s),
         Some(r.particle_per_s),
     );

@@ -259,6 +259,11 @@ impl EndpointFactory {
         &self.prefix
     }
 
+    /// Worker threads building endpoints in parallel.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
     /// The host-end name the endpoint with this id gets.
     pub fn host_ifname(prefix: &RunPrefix, id: u64) -> Result<IfName, NameError> {
         prefix.ifname('e', id)

@@ -109,13 +109,27 @@ pub fn create_per_command(
     Ok(start.elapsed())
 }
 
+/// Time `ip -batch` took: for the namespaces and host ends (two processes),
+/// and for the endpoints' insides (one process each).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchTimes {
+    pub outside: Duration,
+    pub inside: Duration,
+}
+
+impl BatchTimes {
+    pub fn total(&self) -> Duration {
+        self.outside + self.inside
+    }
+}
+
 /// `ip -batch`: one process for the namespaces, one for the host ends, one
 /// per endpoint for its inside.
 pub fn create_batched(
     scratch_ns: &str,
     bridge: &str,
     endpoints: &[IpEndpoint],
-) -> Result<Duration> {
+) -> Result<BatchTimes> {
     let start = Instant::now();
     let namespaces: String = endpoints
         .iter()
@@ -128,11 +142,16 @@ pub fn create_batched(
         .map(|l| l + "\n")
         .collect();
     ip_batch(Some(scratch_ns), &host)?;
+    let outside = start.elapsed();
+    let start = Instant::now();
     for e in endpoints {
         let lines: String = inside(e).into_iter().map(|l| l + "\n").collect();
         ip_batch(Some(&e.netns), &lines)?;
     }
-    Ok(start.elapsed())
+    Ok(BatchTimes {
+        outside,
+        inside: start.elapsed(),
+    })
 }
 
 /// Deletes named namespaces (and with them everything inside) in one process.
