@@ -91,6 +91,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         )
     };
     drop(cmd_guard);
+    settle(&mut node, &prefix)?;
 
     // 2. ip -batch.
     let eps = ip_endpoints(&prefix, &mut node.block, 'i', n)?;
@@ -99,6 +100,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let batch_times = ip::create_batched(&scratch_name, &bridge, &eps)?;
     let ip_batch = batch_times.total();
     drop(batch_guard);
+    settle(&mut node, &prefix)?;
 
     // 3. Particle's batched engine.
     let factory = node.factory(opts.workers)?;
@@ -121,6 +123,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         );
     }
     drop(built);
+    settle(&mut node, &prefix)?;
 
     // 4. A warm pool of n, then n claims while the refiller tops it up behind them.
     let pool_block = AddressBlock::parse(SCRATCH_BLOCK)?;
@@ -196,6 +199,17 @@ fn ip_endpoints(
             })
         })
         .collect()
+}
+
+/// The kernel tears namespaces down in the background, holding the locks
+/// that creation needs: let one method's teardown finish before the next
+/// method is timed, so none pays for another's.
+fn settle(node: &mut ScratchNode, prefix: &RunPrefix) -> Result<()> {
+    let left = wait_for_teardown(node, prefix, Duration::from_secs(60))?;
+    if !left.is_empty() {
+        bail!("teardown between methods left {}", left.join(", "));
+    }
+    Ok(())
 }
 
 /// Waits until the scratch namespace holds only its bridge and no named

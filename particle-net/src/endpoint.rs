@@ -370,6 +370,7 @@ fn build(
     let mut results: Vec<Option<BuildResult>> = Vec::with_capacity(items.len());
     let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(items.len());
     let mut home_lost = false;
+    let started = std::time::Instant::now();
 
     // 1. Namespaces, each with a socket opened inside it.
     for (i, (id, spec)) in items.into_iter().enumerate() {
@@ -404,6 +405,8 @@ fn build(
             Err(e) => results.push(Some(Err(e))),
         }
     }
+
+    let namespaces_done = started.elapsed();
 
     // 2. The veth pairs, many per datagram, on the home socket.
     let peer = IfName::new(ENDPOINT_IFNAME).expect("constant name is valid");
@@ -440,6 +443,8 @@ fn build(
         }
     };
 
+    let pairs_done = started.elapsed();
+
     // 3. Inside each endpoint: one datagram of four requests.
     for ((i, mut s), outcome) in staged.into_iter().zip(outcomes) {
         let configured = outcome
@@ -453,6 +458,13 @@ fn build(
         }));
         // On error `s.netns` drops here: the kernel removes what was built.
     }
+    tracing::debug!(
+        endpoints = results.len(),
+        namespaces_us = namespaces_done.as_micros() as u64,
+        veth_pairs_us = (pairs_done - namespaces_done).as_micros() as u64,
+        inside_us = (started.elapsed() - pairs_done).as_micros() as u64,
+        "built a share of a batch"
+    );
     let results = results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(EndpointError::WorkerGone("no result".into()))))

@@ -137,8 +137,19 @@ impl NetNs {
             path: path.clone(),
             source,
         };
+        if let Some(existing) = &self.mount {
+            return Err(mount_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("already mounted at {}", existing.display()),
+            )));
+        }
         fs::create_dir_all(NETNS_RUN_DIR).map_err(mount_err)?;
-        File::create(&path).map_err(mount_err)?;
+        // create_new: never mount over a namespace someone else named so.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(mount_err)?;
         let source = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
         if let Err(e) = mount(
             Some(source.as_str()),

@@ -309,7 +309,12 @@ impl Shared {
     fn give_back(&self, endpoint: Endpoint, reuse: bool) {
         let sender = lock(&self.returns).clone();
         let returned = Returned { endpoint, reuse };
-        if let Some(Err(mpsc::SendError(r))) = sender.map(|s| s.send(returned)) {
+        // After the pool shut down there is no recycler: destroy right here.
+        let unsent = match sender {
+            Some(s) => s.send(returned).err().map(|mpsc::SendError(r)| r),
+            None => Some(returned),
+        };
+        if let Some(r) = unsent {
             self.destroy(r.endpoint);
         }
     }
