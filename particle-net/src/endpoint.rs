@@ -17,9 +17,10 @@
 //! whose build fails is dropped whole: closing its namespace fd makes the kernel
 //! remove the namespace with its end of the pair, and the pair with it.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use ipnetwork::Ipv4Network;
@@ -208,6 +209,20 @@ pub struct FactoryConfig {
 
 type BuildResult = Result<Endpoint, EndpointError>;
 
+/// The next endpoint id per run prefix. Host-end names derive from ids, and
+/// several factories of one run may build into the same namespace, so ids are
+/// counted per prefix across the process, not per factory.
+static NEXT_IDS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// Reserves `n` consecutive ids for `prefix`; returns the first.
+fn reserve_ids(prefix: &RunPrefix, n: usize) -> u64 {
+    let mut ids = NEXT_IDS.lock().unwrap_or_else(PoisonError::into_inner);
+    let next = ids.entry(prefix.as_str().to_string()).or_insert(0);
+    let first = *next;
+    *next += n as u64;
+    first
+}
+
 struct Job {
     items: Vec<(u64, EndpointSpec)>,
     reply: Sender<(usize, Vec<BuildResult>)>,
@@ -217,7 +232,6 @@ struct Job {
 /// Builds endpoints in batches on dedicated worker threads.
 pub struct EndpointFactory {
     workers: Vec<(Sender<Job>, JoinHandle<()>)>,
-    next_id: AtomicU64,
     prefix: RunPrefix,
 }
 
@@ -250,7 +264,6 @@ impl EndpointFactory {
         }
         Ok(Self {
             workers,
-            next_id: AtomicU64::new(0),
             prefix: config.prefix,
         })
     }
@@ -275,11 +288,15 @@ impl EndpointFactory {
     pub fn create_batch(&self, specs: &[EndpointSpec]) -> Vec<BuildResult> {
         let (reply_tx, reply_rx) = mpsc::channel();
         let share = specs.len().div_ceil(self.workers.len().max(1)).max(1);
+        let mut next_id = reserve_ids(&self.prefix, specs.len());
         let mut sent = 0;
         for (slot, chunk) in specs.chunks(share).enumerate() {
             let items = chunk
                 .iter()
-                .map(|s| (self.next_id.fetch_add(1, Ordering::Relaxed), *s))
+                .map(|s| {
+                    next_id += 1;
+                    (next_id - 1, *s)
+                })
                 .collect();
             let job = Job {
                 items,

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod names;
 pub mod netlink;
 pub mod netns;
+pub mod overlay;
 pub mod pool;
 pub mod scratch;
 

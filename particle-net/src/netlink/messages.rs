@@ -3,12 +3,17 @@
 use std::net::Ipv4Addr;
 use std::os::fd::RawFd;
 
+use ipnetwork::Ipv4Network;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
@@ -62,6 +67,128 @@ pub fn bridge(name: &IfName) -> RouteNetlinkMessage {
         LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
     ];
     RouteNetlinkMessage::NewLink(msg)
+}
+
+/// A VXLAN device without learning or multicast: every remote VTEP comes
+/// from a static FDB entry. `mac` is set so peers can be told it in advance.
+pub fn vxlan(
+    name: &IfName,
+    vni: u32,
+    local: Ipv4Addr,
+    underlay_index: u32,
+    port: u16,
+    mac: [u8; 6],
+) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes = vec![
+        LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::Address(mac.to_vec()),
+        LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::Id(vni),
+                InfoVxlan::Local(local),
+                InfoVxlan::Link(underlay_index),
+                InfoVxlan::Port(port),
+                InfoVxlan::Learning(false),
+            ])),
+        ]),
+    ];
+    RouteNetlinkMessage::NewLink(msg)
+}
+
+/// Moves a link (by name) into the namespace held by `netns`.
+pub fn move_to_netns(name: &IfName, netns: RawFd) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes = vec![
+        LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::NetNsFd(netns),
+    ];
+    RouteNetlinkMessage::SetLink(msg)
+}
+
+/// A route to `destination` via `gateway` on link `oif`, even though the
+/// gateway is on no local subnet (the VXLAN device's peers never are).
+pub fn onlink_route(destination: Ipv4Network, gateway: Ipv4Addr, oif: u32) -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = destination.prefix();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.protocol = RouteProtocol::Static;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.flags = RouteFlags::Onlink;
+    msg.attributes = vec![
+        RouteAttribute::Destination(RouteAddress::Inet(destination.network())),
+        RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
+        RouteAttribute::Oif(oif),
+    ];
+    RouteNetlinkMessage::NewRoute(msg)
+}
+
+/// Deletes the route to `destination` from the main table.
+pub fn delete_route(destination: Ipv4Network) -> RouteNetlinkMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = destination.prefix();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.scope = RouteScope::NoWhere;
+    msg.attributes = vec![RouteAttribute::Destination(RouteAddress::Inet(
+        destination.network(),
+    ))];
+    RouteNetlinkMessage::DelRoute(msg)
+}
+
+/// A permanent ARP entry: `ip` is at `mac` on link `index`.
+pub fn permanent_neighbour(index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> RouteNetlinkMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Permanent;
+    msg.attributes = vec![
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)),
+        NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+    ];
+    RouteNetlinkMessage::NewNeighbour(msg)
+}
+
+/// Deletes the ARP entry for `ip` on link `index`.
+pub fn delete_neighbour(index: u32, ip: Ipv4Addr) -> RouteNetlinkMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.ifindex = index;
+    msg.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(ip))];
+    RouteNetlinkMessage::DelNeighbour(msg)
+}
+
+/// A VXLAN FDB entry (`bridge fdb append MAC dev VXLAN dst REMOTE self
+/// permanent`): frames for `mac` go to the VTEP at `remote`.
+pub fn vxlan_fdb(index: u32, mac: [u8; 6], remote: Ipv4Addr) -> RouteNetlinkMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes = vec![
+        NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(remote)),
+    ];
+    RouteNetlinkMessage::NewNeighbour(msg)
+}
+
+/// Deletes a VXLAN FDB entry.
+pub fn delete_vxlan_fdb(index: u32, mac: [u8; 6], remote: Ipv4Addr) -> RouteNetlinkMessage {
+    match vxlan_fdb(index, mac, remote) {
+        RouteNetlinkMessage::NewNeighbour(m) => RouteNetlinkMessage::DelNeighbour(m),
+        other => other,
+    }
+}
+
+/// Dumps a family's neighbour table (`Inet` for ARP, `Bridge` for the FDB).
+pub fn dump_neighbours(family: AddressFamily) -> RouteNetlinkMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = family;
+    RouteNetlinkMessage::GetNeighbour(msg)
 }
 
 /// Sets the link with this index up.

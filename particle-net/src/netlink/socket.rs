@@ -1,8 +1,8 @@
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
-    NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -60,6 +60,24 @@ impl Request {
             what: what.into(),
             message,
             flags: NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        }
+    }
+
+    /// Creates an object or replaces the one that is there: idempotent.
+    pub fn replace(what: impl Into<String>, message: RouteNetlinkMessage) -> Self {
+        Self {
+            what: what.into(),
+            message,
+            flags: NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        }
+    }
+
+    /// Appends an entry (a VXLAN FDB destination) next to existing ones.
+    pub fn append(what: impl Into<String>, message: RouteNetlinkMessage) -> Self {
+        Self {
+            what: what.into(),
+            message,
+            flags: NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND,
         }
     }
 
