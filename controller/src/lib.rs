@@ -1,1 +1,3 @@
-//! The control plane (nodes, tenants, address blocks, placement, burst launch API). Not built yet: see the overlay/cluster issue.
+//! The control plane: nodes, tenants, per-node address blocks, and the overlay state pushed to agents.
+
+pub mod api;
