@@ -1,1 +1,7 @@
-//! The per-node agent (pools, overlay devices, local API, warm connections). Not built yet: see the overlay/cluster issue.
+//! The per-node agent: owns the node's tenant overlays and warm endpoint
+//! pools and applies the overlay state the controller sends. The daemon around
+//! it (controller client, local Unix-socket API, metrics) is not built yet.
+
+pub mod node_state;
+
+pub use node_state::{AgentError, NodeConfig, NodeState};

@@ -4,11 +4,12 @@
 //! it goes, the kernel removes everything inside it.
 
 use crate::bridge::Bridge;
-use crate::endpoint::{EndpointFactory, FactoryConfig};
+use crate::endpoint::{Endpoint, EndpointFactory, EndpointSpec, FactoryConfig, ENDPOINT_IFINDEX};
 use crate::ipam::AddressBlock;
 use crate::names::{IfName, RunPrefix};
 use crate::netlink::NetlinkSocket;
 use crate::netns::NetNs;
+use crate::overlay::Underlay;
 use crate::EndpointError;
 
 /// A scratch namespace with a bridge whose address is `block`'s gateway.
@@ -44,6 +45,28 @@ impl ScratchNode {
             prefix: self.prefix.clone(),
             workers,
         })
+    }
+
+    /// `n` simulated hosts on this namespace's bridge, as DESIGN.md's "one
+    /// machine, many nodes" has them: each a namespace whose `eth0` is its
+    /// underlay interface, with an address from this node's block.
+    pub fn hosts(&mut self, n: usize) -> Result<Vec<Endpoint>, EndpointError> {
+        let gateway = self.block.gateway();
+        let specs: Vec<_> = self
+            .block
+            .allocate_many(n)
+            .into_iter()
+            .map(|address| EndpointSpec { address, gateway })
+            .collect();
+        self.factory(1)?.create_batch(&specs).into_iter().collect()
+    }
+
+    /// The underlay of a host made by [`Self::hosts`].
+    pub fn underlay_of(host: &Endpoint) -> Underlay {
+        Underlay {
+            index: ENDPOINT_IFINDEX,
+            address: host.address().ip(),
+        }
     }
 
     /// Links in the node's namespace other than `lo` and the bridge.

@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
-use particle_net::endpoint::ENDPOINT_IFINDEX;
-use particle_net::overlay::{OverlayCounts, RemoteBlock, TenantNetwork, Underlay};
+use particle_net::overlay::{OverlayCounts, RemoteBlock, TenantNetwork};
+use particle_net::scratch::ScratchNode;
 use particle_net::{Endpoint, EndpointSpec, NetlinkSocket, RunPrefix};
 
 struct Tenant {
@@ -69,27 +69,8 @@ fn tenants_reach_across_nodes_and_never_each_other() {
     let prefix = t.run.prefix().clone();
 
     // Three nodes: namespaces on the fabric bridge, each with eth0 as its underlay.
-    let fabric = t.node.factory(1).unwrap();
-    let gateway = t.node.block.gateway();
-    let specs: Vec<_> = t
-        .node
-        .block
-        .allocate_many(3)
-        .into_iter()
-        .map(|address| EndpointSpec { address, gateway })
-        .collect();
-    let nodes: Vec<Endpoint> = fabric
-        .create_batch(&specs)
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
-    let underlays: Vec<_> = nodes
-        .iter()
-        .map(|n| Underlay {
-            index: ENDPOINT_IFINDEX,
-            address: n.address().ip(),
-        })
-        .collect();
+    let nodes = t.node.hosts(3).unwrap();
+    let underlays: Vec<_> = nodes.iter().map(ScratchNode::underlay_of).collect();
 
     // Every tenant on every node, then each told about the others' blocks.
     let mut nets: Vec<Vec<TenantNetwork>> = nodes

@@ -1,0 +1,238 @@
+//! What one node holds: per tenant, its overlay ([`TenantNetwork`]) and its
+//! warm pool, kept in line with the controller's [`NodeOverlay`].
+//!
+//! Everything is held by fd: if the agent dies, the kernel removes its tenant
+//! namespaces (with their bridges and VXLAN devices) and every pooled
+//! endpoint, so a restarted agent starts clean and rebuilds from the
+//! controller's state, with nothing left over to adopt or collect.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use particle_controller::api::{NodeOverlay, PoolLevel, TenantOverlay};
+use particle_net::ipam::parse_network;
+use particle_net::overlay::{OverlayError, RemoteBlock, TenantNetwork, Underlay};
+use particle_net::{
+    AddressBlock, EndpointPool, IpamError, NetlinkError, NetlinkSocket, PoolConfig, PoolError,
+    PooledEndpoint, RunPrefix,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("tenant {0:?} has no network on this node")]
+    UnknownTenant(String),
+    #[error("tenant {tenant}: {source}")]
+    Overlay {
+        tenant: String,
+        #[source]
+        source: OverlayError,
+    },
+    #[error("tenant {tenant}: bad address in the overlay state: {source}")]
+    Address {
+        tenant: String,
+        #[source]
+        source: IpamError,
+    },
+    #[error("tenant {tenant}: {source}")]
+    Pool {
+        tenant: String,
+        #[source]
+        source: PoolError,
+    },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+/// How this node builds its overlays and pools.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub prefix: RunPrefix,
+    pub underlay: Underlay,
+    /// Every tenant's pool on this node.
+    pub pool: PoolConfig,
+    /// Endpoint-building threads per tenant (0: one per core).
+    pub workers: usize,
+}
+
+/// One tenant on this node.
+struct TenantSlot {
+    vni: u32,
+    block: Ipv4Network,
+    // Declared before `network` so the pool (and its endpoints) go first.
+    pool: EndpointPool,
+    network: TenantNetwork,
+}
+
+/// The node's tenants, in line with the last overlay state applied.
+pub struct NodeState {
+    config: NodeConfig,
+    node: NetlinkSocket,
+    tenants: BTreeMap<String, TenantSlot>,
+    version: u64,
+}
+
+impl NodeState {
+    /// `node` is a netlink socket in the node's namespace (where the underlay is).
+    pub fn new(config: NodeConfig, node: NetlinkSocket) -> Self {
+        Self {
+            config,
+            node,
+            tenants: BTreeMap::new(),
+            version: 0,
+        }
+    }
+
+    /// The version of the last overlay state applied.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Tenants that have a network on this node.
+    pub fn tenants(&self) -> impl Iterator<Item = &str> {
+        self.tenants.keys().map(String::as_str)
+    }
+
+    /// Brings the node in line with `overlay`: removes tenants that are gone,
+    /// rebuilds those whose VNI or block changed, builds new ones (network and
+    /// pool), and sets every tenant's remote entries. A tenant that fails is
+    /// reported and does not stop the others.
+    pub fn apply(&mut self, overlay: &NodeOverlay) -> Vec<AgentError> {
+        let mut errors = Vec::new();
+        let wanted: BTreeMap<&str, &TenantOverlay> = overlay
+            .tenants
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        self.tenants.retain(|name, slot| {
+            wanted.get(name.as_str()).is_some_and(|t| {
+                t.vni == slot.vni && parse_network(&t.local_block).ok() == Some(slot.block)
+            })
+        });
+        for (name, tenant) in wanted {
+            if let Err(e) = self.apply_tenant(name, tenant) {
+                tracing::warn!("{e}");
+                errors.push(e);
+            }
+        }
+        self.version = overlay.version;
+        errors
+    }
+
+    fn apply_tenant(&mut self, name: &str, tenant: &TenantOverlay) -> Result<(), AgentError> {
+        let address_err = |source| AgentError::Address {
+            tenant: name.to_string(),
+            source,
+        };
+        let overlay_err = |source| AgentError::Overlay {
+            tenant: name.to_string(),
+            source,
+        };
+        let remotes = tenant
+            .remotes
+            .iter()
+            .map(|r| {
+                Ok(RemoteBlock {
+                    underlay: r.underlay_ip,
+                    block: parse_network(&r.block)?,
+                })
+            })
+            .collect::<Result<Vec<_>, IpamError>>()
+            .map_err(address_err)?;
+        if !self.tenants.contains_key(name) {
+            let slot = self.build_tenant(name, tenant)?;
+            self.tenants.insert(name.to_string(), slot);
+        }
+        let slot = self
+            .tenants
+            .get_mut(name)
+            .ok_or_else(|| AgentError::UnknownTenant(name.to_string()))?;
+        slot.network.apply_remotes(&remotes).map_err(overlay_err)
+    }
+
+    fn build_tenant(
+        &mut self,
+        name: &str,
+        tenant: &TenantOverlay,
+    ) -> Result<TenantSlot, AgentError> {
+        let block = parse_network(&tenant.local_block).map_err(|source| AgentError::Address {
+            tenant: name.to_string(),
+            source,
+        })?;
+        let overlay_err = |source| AgentError::Overlay {
+            tenant: name.to_string(),
+            source,
+        };
+        let network = TenantNetwork::create(
+            &mut self.node,
+            &self.config.prefix,
+            self.config.underlay,
+            tenant.vni,
+            block,
+        )
+        .map_err(overlay_err)?;
+        let factory = network
+            .factory(&self.config.prefix, self.config.workers)
+            .map_err(overlay_err)?;
+        let addresses = AddressBlock::new(block).map_err(|source| AgentError::Address {
+            tenant: name.to_string(),
+            source,
+        })?;
+        let pool = EndpointPool::start(factory, addresses, self.config.pool).map_err(|source| {
+            AgentError::Pool {
+                tenant: name.to_string(),
+                source,
+            }
+        })?;
+        tracing::info!(tenant = name, vni = tenant.vni, %block, "tenant network up");
+        Ok(TenantSlot {
+            vni: tenant.vni,
+            block,
+            pool,
+            network,
+        })
+    }
+
+    /// Claims a warm endpoint of `tenant`: no netlink, microseconds.
+    pub fn claim(&self, tenant: &str) -> Result<PooledEndpoint, AgentError> {
+        let slot = self
+            .tenants
+            .get(tenant)
+            .ok_or_else(|| AgentError::UnknownTenant(tenant.to_string()))?;
+        slot.pool.claim().map_err(|source| AgentError::Pool {
+            tenant: tenant.to_string(),
+            source,
+        })
+    }
+
+    /// The tenant's pool, e.g. to wait for it to warm up.
+    pub fn pool(&self, tenant: &str) -> Option<&EndpointPool> {
+        self.tenants.get(tenant).map(|s| &s.pool)
+    }
+
+    /// The tenant's overlay on this node.
+    pub fn network_mut(&mut self, tenant: &str) -> Option<&mut TenantNetwork> {
+        self.tenants.get_mut(tenant).map(|s| &mut s.network)
+    }
+
+    /// Pool levels per tenant, as heartbeats report them.
+    pub fn pool_levels(&self) -> BTreeMap<String, PoolLevel> {
+        self.tenants
+            .iter()
+            .map(|(name, slot)| {
+                let s = slot.pool.stats();
+                let level = PoolLevel {
+                    ready: s.ready,
+                    claimed: s.claimed,
+                    build_errors: s.build_errors,
+                };
+                (name.clone(), level)
+            })
+            .collect()
+    }
+
+    /// The node's VTEP address.
+    pub fn underlay_ip(&self) -> Ipv4Addr {
+        self.config.underlay.address
+    }
+}
