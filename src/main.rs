@@ -21,9 +21,43 @@ enum Command {
         #[command(subcommand)]
         bench: Bench,
     },
+    /// The node agent: runs in its node's namespace, owns the node's tenant
+    /// overlays and warm pools, follows the controller, serves the local API.
+    Agent(AgentArgs),
     /// Removes what crashed Particle runs left behind (mounted namespaces,
     /// links in this namespace); never touches live runs.
     Gc,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// This node's name at the controller.
+    #[arg(long)]
+    node: String,
+    /// The controller's address (host:port).
+    #[arg(long)]
+    controller: std::net::SocketAddr,
+    /// File holding the controller's bearer token.
+    #[arg(long)]
+    token_file: std::path::PathBuf,
+    /// The underlay interface (VXLAN traffic leaves through it).
+    #[arg(long)]
+    underlay_iface: String,
+    /// This node's address on the underlay (its VTEP).
+    #[arg(long)]
+    underlay_ip: std::net::Ipv4Addr,
+    /// Run in this network namespace (a simulated host); default: where started.
+    #[arg(long)]
+    netns: Option<std::path::PathBuf>,
+    /// The local API's Unix socket.
+    #[arg(long, default_value = "/run/particle/agent.sock")]
+    socket: std::path::PathBuf,
+    /// Warm endpoints kept per tenant.
+    #[arg(long, default_value_t = 32)]
+    pool_size: usize,
+    /// Name prefix of this agent's kernel objects (default: random).
+    #[arg(long)]
+    prefix: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -78,6 +112,7 @@ fn main() -> Result<()> {
                 anyhow::bail!("{} objects leaked", report.leaked);
             }
         }
+        Command::Agent(args) => agent(args)?,
         Command::Gc => {
             let mut socket = particle_net::NetlinkSocket::open().context("netlink socket")?;
             let report = particle_net::gc::collect(Some(&mut socket));
@@ -95,5 +130,49 @@ fn main() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn agent(args: AgentArgs) -> Result<()> {
+    use particle_net::{NetNs, PoolConfig, Run, RunPrefix};
+    // Enter the node's namespace while the process has one thread: every
+    // socket and thread made later is then in it, as on a real host.
+    if let Some(path) = &args.netns {
+        let ns = NetNs::open(path)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", path.display()))?;
+    }
+    particle_net::limits::raise_open_files()?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading {}", args.token_file.display()))?
+        .trim()
+        .to_string();
+    let run = match &args.prefix {
+        Some(p) => Run::with_prefix(RunPrefix::parse(p)?)?,
+        None => Run::start()?,
+    };
+    let mut socket = particle_net::NetlinkSocket::open()?;
+    let iface = particle_net::IfName::new(args.underlay_iface.clone())?;
+    let underlay_index = particle_net::bridge::Bridge::lookup(&mut socket, &iface)
+        .with_context(|| format!("underlay interface {iface}"))?
+        .index;
+    let config = particle_node_agent::daemon::AgentConfig {
+        node_name: args.node.clone(),
+        node: particle_node_agent::NodeConfig {
+            prefix: run.prefix().clone(),
+            underlay: particle_net::overlay::Underlay {
+                index: underlay_index,
+                address: args.underlay_ip,
+            },
+            pool: PoolConfig::warm(args.pool_size.max(1)),
+            workers: 0,
+        },
+        socket_path: args.socket.clone(),
+        heartbeat_every: std::time::Duration::from_secs(1),
+    };
+    let client =
+        particle_node_agent::controller_client::ControllerClient::direct(args.controller, token);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(particle_node_agent::daemon::run(config, socket, client))?;
     Ok(())
 }

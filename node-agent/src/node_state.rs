@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
 use particle_controller::api::{NodeOverlay, PoolLevel, TenantOverlay};
@@ -60,7 +61,8 @@ struct TenantSlot {
     vni: u32,
     block: Ipv4Network,
     // Declared before `network` so the pool (and its endpoints) go first.
-    pool: EndpointPool,
+    // Shared with the claim path, which must not wait for `apply`.
+    pool: Arc<EndpointPool>,
     network: TenantNetwork,
 }
 
@@ -188,7 +190,7 @@ impl NodeState {
         Ok(TenantSlot {
             vni: tenant.vni,
             block,
-            pool,
+            pool: Arc::new(pool),
             network,
         })
     }
@@ -207,7 +209,15 @@ impl NodeState {
 
     /// The tenant's pool, e.g. to wait for it to warm up.
     pub fn pool(&self, tenant: &str) -> Option<&EndpointPool> {
-        self.tenants.get(tenant).map(|s| &s.pool)
+        self.tenants.get(tenant).map(|s| s.pool.as_ref())
+    }
+
+    /// Every tenant's pool, for a claim path that does not go through `self`.
+    pub fn pools(&self) -> BTreeMap<String, Arc<EndpointPool>> {
+        self.tenants
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.pool.clone()))
+            .collect()
     }
 
     /// The tenant's overlay on this node.

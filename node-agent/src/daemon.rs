@@ -1,0 +1,125 @@
+//! The agent daemon: registers with the controller, follows its overlay state
+//! (long poll), heartbeats its pool levels, and serves the local API.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use particle_controller::api::{Heartbeat, NodeOverlay, RegisterNode};
+use particle_net::NetlinkSocket;
+
+use crate::controller_client::{ClientError, ControllerClient};
+use crate::local_api::{self, Claims};
+use crate::node_state::{NodeConfig, NodeState};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node's name at the controller.
+    pub node_name: String,
+    pub node: NodeConfig,
+    /// Where the local API listens.
+    pub socket_path: PathBuf,
+    pub heartbeat_every: Duration,
+}
+
+/// Runs the agent until the controller client fails for good or the local API
+/// listener dies. `node_socket` is a netlink socket in the node's namespace.
+pub async fn run(
+    config: AgentConfig,
+    node_socket: NetlinkSocket,
+    client: ControllerClient,
+) -> std::io::Result<()> {
+    let claims = Arc::new(Claims::default());
+    let listener = local_api::bind(&config.socket_path)?;
+    let state = Arc::new(Mutex::new(NodeState::new(config.node.clone(), node_socket)));
+    let register = RegisterNode {
+        node: config.node_name.clone(),
+        underlay_ip: config.node.underlay.address,
+    };
+
+    let heartbeats = {
+        let (client, claims, register) = (client.clone(), claims.clone(), register.clone());
+        let every = config.heartbeat_every;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let beat = Heartbeat {
+                    pools: claims_levels(&claims),
+                };
+                match client.heartbeat(&register.node, &beat).await {
+                    Ok(true) => {}
+                    // The controller forgot us (restart, or we were too slow): join again.
+                    Ok(false) => {
+                        if let Err(e) = client.register(&register).await {
+                            tracing::warn!("re-registering: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("heartbeat: {e}"),
+                }
+            }
+        })
+    };
+    let follower = {
+        let (claims, state) = (claims.clone(), state.clone());
+        tokio::spawn(async move { follow(client, register, state, claims).await })
+    };
+    let served = local_api::serve(listener, claims).await;
+    heartbeats.abort();
+    follower.abort();
+    served
+}
+
+fn claims_levels(
+    claims: &Claims,
+) -> std::collections::BTreeMap<String, particle_controller::api::PoolLevel> {
+    match claims.handle(local_api::LocalRequest::Status) {
+        local_api::LocalResponse::Status { pools, .. } => pools,
+        _ => Default::default(),
+    }
+}
+
+/// Registers, then applies every newer overlay state the controller sends.
+async fn follow(
+    client: ControllerClient,
+    register: RegisterNode,
+    state: Arc<Mutex<NodeState>>,
+    claims: Arc<Claims>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut overlay: Option<NodeOverlay> = None;
+    loop {
+        let next = match &overlay {
+            None => client.register(&register).await,
+            Some(o) => client.overlay(&register.node, o.version).await,
+        };
+        match next {
+            Ok(o) => {
+                backoff = Duration::from_millis(100);
+                let state = state.clone();
+                let applied = o.clone();
+                // Building namespaces and links blocks: keep it off the runtime.
+                let pools = tokio::task::spawn_blocking(move || {
+                    let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    for e in state.apply(&applied) {
+                        tracing::warn!("applying overlay v{}: {e}", applied.version);
+                    }
+                    state.pools()
+                })
+                .await;
+                match pools {
+                    Ok(pools) => claims.set_pools(pools),
+                    Err(e) => tracing::error!("overlay apply task: {e}"),
+                }
+                overlay = Some(o);
+            }
+            Err(e) => {
+                if matches!(&e, ClientError::Status { status, .. } if status.as_u16() == 404) {
+                    overlay = None; // unknown node: register again
+                }
+                tracing::warn!("controller: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The agent's local API for functions and runtimes on the node: a Unix
+//! socket (mode 0600: only root on the node may claim endpoints) speaking one
+//! JSON object per line.
+//!
+//! `{"op":"claim","tenant":"a"}` → `{"ok":true,"endpoint":{...}}`: a warm
+//! endpoint whose namespace is at `netns` (a path into the agent's fds, valid
+//! while the endpoint is claimed). `{"op":"release","id":7}` returns it;
+//! `{"op":"status"}` reports the pools. Every error is `{"ok":false,"error":"..."}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use particle_controller::api::PoolLevel;
+use particle_net::{EndpointPool, PooledEndpoint};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Longest request line accepted; anything longer is hostile or broken.
+const MAX_LINE: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LocalRequest {
+    Claim { tenant: String },
+    Release { id: u64 },
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedEndpoint {
+    pub id: u64,
+    pub tenant: String,
+    pub address: String,
+    pub gateway: String,
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LocalResponse {
+    Claimed {
+        ok: bool,
+        endpoint: ClaimedEndpoint,
+    },
+    Status {
+        ok: bool,
+        pools: BTreeMap<String, PoolLevel>,
+    },
+    Done {
+        ok: bool,
+    },
+    Error {
+        ok: bool,
+        error: String,
+    },
+}
+
+impl LocalResponse {
+    fn error(message: impl Into<String>) -> Self {
+        Self::Error {
+            ok: false,
+            error: message.into(),
+        }
+    }
+}
+
+/// The claim path's view of the node: a snapshot of the pools, replaced after
+/// every overlay change, and the endpoints claimed through this API.
+#[derive(Default)]
+pub struct Claims {
+    pools: RwLock<BTreeMap<String, Arc<EndpointPool>>>,
+    claimed: Mutex<HashMap<u64, PooledEndpoint>>,
+}
+
+impl Claims {
+    pub fn set_pools(&self, pools: BTreeMap<String, Arc<EndpointPool>>) {
+        *self.pools.write().unwrap_or_else(PoisonError::into_inner) = pools;
+    }
+
+    pub fn handle(&self, request: LocalRequest) -> LocalResponse {
+        match request {
+            LocalRequest::Claim { tenant } => {
+                let pool = self
+                    .pools
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&tenant)
+                    .cloned();
+                let Some(pool) = pool else {
+                    return LocalResponse::error(format!(
+                        "tenant {tenant:?} has no network on this node"
+                    ));
+                };
+                match pool.claim() {
+                    Ok(ep) => {
+                        let endpoint = ClaimedEndpoint {
+                            id: ep.id(),
+                            tenant,
+                            address: ep.address().to_string(),
+                            gateway: ep.gateway().to_string(),
+                            netns: format!(
+                                "/proc/{}/fd/{}",
+                                std::process::id(),
+                                ep.netns().as_raw_fd()
+                            ),
+                        };
+                        self.claimed
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(ep.id(), ep);
+                        LocalResponse::Claimed { ok: true, endpoint }
+                    }
+                    Err(e) => LocalResponse::error(e.to_string()),
+                }
+            }
+            LocalRequest::Release { id } => {
+                let ep = self
+                    .claimed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                match ep {
+                    // Dropping hands it to the pool's recycler, off this path.
+                    Some(ep) => {
+                        drop(ep);
+                        LocalResponse::Done { ok: true }
+                    }
+                    None => LocalResponse::error(format!("no claimed endpoint {id}")),
+                }
+            }
+            LocalRequest::Status => {
+                let pools = self
+                    .pools
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .map(|(name, pool)| {
+                        let s = pool.stats();
+                        let level = PoolLevel {
+                            ready: s.ready,
+                            claimed: s.claimed,
+                            build_errors: s.build_errors,
+                        };
+                        (name.clone(), level)
+                    })
+                    .collect();
+                LocalResponse::Status { ok: true, pools }
+            }
+        }
+    }
+}
+
+/// Parses one request line; a clear error for anything malformed.
+pub fn parse_request(line: &str) -> Result<LocalRequest, String> {
+    serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Binds the socket (replacing a stale one), mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the local API until the listener fails.
+pub async fn serve(listener: UnixListener, claims: Arc<Claims>) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let claims = claims.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, &claims).await {
+                tracing::debug!("local API connection: {e}");
+            }
+        });
+    }
+}
+
+async fn connection(stream: UnixStream, claims: &Claims) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = (&mut lines)
+            .take(MAX_LINE as u64 + 1)
+            .read_line(&mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let response = if n > MAX_LINE {
+            LocalResponse::error(format!("request longer than {MAX_LINE} bytes"))
+        } else {
+            match parse_request(line.trim()) {
+                Ok(request) => claims.handle(request),
+                Err(e) => LocalResponse::error(e),
+            }
+        };
+        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if n > MAX_LINE {
+            return Ok(()); // the rest of the over-long line is not worth reading
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(
+            parse_request(r#"{"op":"claim","tenant":"a"}"#),
+            Ok(LocalRequest::Claim { tenant: "a".into() })
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"release","id":7}"#),
+            Ok(LocalRequest::Release { id: 7 })
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"status"}"#),
+            Ok(LocalRequest::Status)
+        );
+        for bad in [
+            "",
+            "{",
+            r#"{"op":"destroy"}"#,
+            r#"{"op":"claim"}"#,
+            r#"{"op":"claim","tenant":"a","x":1}"#,
+            r#"{"op":"release","id":-1}"#,
+        ] {
+            let err = parse_request(bad).unwrap_err();
+            assert!(err.starts_with("malformed request"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_tenants_and_ids_are_clear_errors() {
+        let claims = Claims::default();
+        let r = claims.handle(LocalRequest::Claim {
+            tenant: "zz".into(),
+        });
+        assert!(
+            matches!(&r, LocalResponse::Error { error, .. } if error.contains("\"zz\"")),
+            "{r:?}"
+        );
+        let r = claims.handle(LocalRequest::Release { id: 3 });
+        assert!(
+            matches!(&r, LocalResponse::Error { error, .. } if error.contains("no claimed endpoint 3")),
+            "{r:?}"
+        );
+        assert_eq!(
+            claims.handle(LocalRequest::Status),
+            LocalResponse::Status {
+                ok: true,
+                pools: BTreeMap::new()
+            }
+        );
+    }
+}
