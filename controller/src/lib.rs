@@ -1,3 +1,225 @@
 //! The control plane: nodes, tenants, per-node address blocks, and the overlay state pushed to agents.
+//!
+//! - [`state`]: the pure model and its rules.
+//! - [`store`]: the embedded JSON-file store.
+//! - [`http`]: the axum router implementing [`api`].
+//! - [`serve`]: runs the router plus the node-expiry loop.
 
 pub mod api;
+pub mod http;
+pub mod metrics;
+pub mod state;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::state::{ControllerState, StateError};
+use crate::store::{Store, StoreError};
+
+pub use crate::http::router;
+
+/// How often silent nodes are looked for. A node that stops heartbeating is
+/// removed (and disappears from the other nodes' overlays) at most
+/// `heartbeat_timeout + EXPIRY_INTERVAL` (timeout + 0.5 s) after its last
+/// heartbeat.
+pub const EXPIRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The longest an overlay long poll waits by default.
+pub const DEFAULT_LONG_POLL_MAX: Duration = Duration::from_secs(25);
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Informational (logged): [`serve`] takes an already-bound listener so
+    /// the caller can bind it in any network namespace.
+    pub listen: SocketAddr,
+    /// The bearer token every `/v1` request must carry.
+    pub token: String,
+    /// Where the embedded store lives; `None` keeps state in memory only.
+    pub state_file: Option<PathBuf>,
+    /// A node not heard from for this long is removed.
+    pub heartbeat_timeout: Duration,
+    /// Upper bound of an overlay long poll (25 s in production; short in tests).
+    pub long_poll_max: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("restoring state: {0}")]
+    Restore(#[from] StateError),
+}
+
+/// Why a state change did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Rejected(#[from] StateError),
+    /// The change was rolled back because it could not be stored.
+    #[error("state not persisted: {0}")]
+    Persist(#[from] StoreError),
+}
+
+/// A cheap, cloneable handle to one controller's state.
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // A std mutex: critical sections are short and never await. The store
+    // is written while it is held so files are written in version order.
+    state: Mutex<ControllerState>,
+    store: Option<Store>,
+    version_tx: watch::Sender<u64>,
+    token: String,
+    heartbeat_timeout: Duration,
+    long_poll_max: Duration,
+    metrics: Metrics,
+}
+
+impl Controller {
+    /// Builds the controller, loading the store if there is one.
+    pub fn new(config: &ControllerConfig) -> Result<Self, ControllerError> {
+        let store = config.state_file.clone().map(Store::new);
+        let state = match store.as_ref().map(Store::load).transpose()?.flatten() {
+            Some(snapshot) => {
+                let state = ControllerState::restore(snapshot, Instant::now())?;
+                tracing::info!(
+                    tenants = state.tenant_count(),
+                    nodes = state.node_count(),
+                    version = state.version(),
+                    "restored state"
+                );
+                state
+            }
+            None => ControllerState::new(),
+        };
+        let (version_tx, _) = watch::channel(state.version());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                store,
+                version_tx,
+                token: config.token.clone(),
+                heartbeat_timeout: config.heartbeat_timeout,
+                long_poll_max: config.long_poll_max,
+                metrics: Metrics::new(),
+            }),
+        })
+    }
+
+    /// Locks the model. A panic while holding the lock cannot leave it half
+    /// changed (changes are applied to a copy first), so poisoning is ignored.
+    pub fn lock(&self) -> MutexGuard<'_, ControllerState> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies a change: on a version bump it is persisted and announced to
+    /// long polls; if it is rejected or cannot be stored, nothing changes.
+    pub fn update<T>(
+        &self,
+        op: impl FnOnce(&mut ControllerState) -> Result<T, StateError>,
+    ) -> Result<T, UpdateError> {
+        let mut guard = self.lock();
+        // Work on a copy so both a rejection and a failed write leave no trace.
+        let mut next = guard.clone();
+        let out = op(&mut next)?;
+        if next.version() != guard.version() {
+            if let Some(store) = &self.inner.store {
+                store.save(&next.snapshot())?;
+            }
+            let version = next.version();
+            *guard = next;
+            self.inner.version_tx.send_replace(version);
+        } else {
+            // No version change, but e.g. last_seen may have moved.
+            *guard = next;
+        }
+        Ok(out)
+    }
+
+    /// Removes nodes silent for longer than the heartbeat timeout.
+    pub fn expire_nodes(&self) -> Result<Vec<String>, UpdateError> {
+        let now = Instant::now();
+        let timeout = self.inner.heartbeat_timeout;
+        // Cheap check first: cloning the model on every tick is wasteful.
+        if self.lock().expired(now, timeout).is_empty() {
+            return Ok(Vec::new());
+        }
+        self.update(|s| Ok(s.expire_nodes(now, timeout)))
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.version_tx.subscribe()
+    }
+
+    pub fn token(&self) -> &str {
+        &self.inner.token
+    }
+
+    pub fn long_poll_max(&self) -> Duration {
+        self.inner.long_poll_max
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    async fn expiry_loop(self) {
+        let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.expire_nodes() {
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::info!(?removed, "expired silent nodes");
+                }
+                Ok(_) => {}
+                // Rolled back; retried on the next tick.
+                Err(e) => tracing::error!("expiring nodes: {e}"),
+            }
+        }
+    }
+}
+
+/// Serves the API on `listener` until the returned future is dropped or the
+/// server fails. Also runs the expiry loop: every [`EXPIRY_INTERVAL`] nodes
+/// silent for longer than `heartbeat_timeout` are removed, so removal happens
+/// within `heartbeat_timeout + 0.5 s` of a node's last heartbeat.
+pub async fn serve(
+    config: ControllerConfig,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    serve_with_shutdown(config, listener, std::future::pending()).await
+}
+
+/// [`serve`], stopping gracefully when `shutdown` completes.
+pub async fn serve_with_shutdown(
+    config: ControllerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let controller = Controller::new(&config)?;
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %config.listen, %local, state_file = ?config.state_file, "controller serving");
+    let app = router(controller.clone());
+    // Both in one future: dropping `serve` also stops the expiry loop, so
+    // an aborted controller never writes the store again.
+    tokio::select! {
+        res = axum::serve(listener, app).with_graceful_shutdown(shutdown) => {
+            res?;
+        }
+        () = controller.expiry_loop() => {}
+    }
+    Ok(())
+}

@@ -63,10 +63,20 @@ pub async fn run(
         let (claims, state) = (claims.clone(), state.clone());
         tokio::spawn(async move { follow(client, register, state, claims).await })
     };
-    let served = local_api::serve(listener, claims).await;
-    heartbeats.abort();
-    follower.abort();
-    served
+    // Stopping the agent (or dropping this future) stops its background tasks,
+    // and with them the node's tenant networks and pools.
+    let _tasks = AbortOnDrop(vec![heartbeats, follower]);
+    local_api::serve(listener, claims).await
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 fn claims_levels(

@@ -26,6 +26,11 @@ impl ScratchNode {
     pub fn new(prefix: &RunPrefix, block: AddressBlock) -> Result<Self, EndpointError> {
         let (netns, socket) = NetNs::create_with(NetlinkSocket::open)?;
         let mut socket = socket?;
+        // Traffic to the namespace's own addresses goes through loopback.
+        socket.execute_all(&[crate::netlink::Request::change(
+            "set lo up",
+            crate::netlink::messages::set_up(crate::netlink::messages::LOOPBACK_INDEX),
+        )])?;
         let bridge_name: IfName = prefix.ifname('b', 0)?;
         let bridge = Bridge::create(&mut socket, &bridge_name, Some(block.gateway_cidr()))?;
         Ok(Self {

@@ -1,0 +1,605 @@
+//! Drives the real server over loopback with a minimal HTTP/1.1 client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use particle_controller::api::{ApiError, Node, NodeOverlay, Tenant};
+use particle_controller::{serve, ControllerConfig};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const TOKEN: &str = "s3cret";
+
+struct Server {
+    addr: SocketAddr,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Opts {
+    state_file: Option<PathBuf>,
+    heartbeat_timeout: Duration,
+    long_poll_max: Duration,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Self {
+            state_file: None,
+            heartbeat_timeout: Duration::from_secs(60),
+            long_poll_max: Duration::from_secs(2),
+        }
+    }
+}
+
+async fn start(opts: Opts) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ControllerConfig {
+        listen: addr,
+        token: TOKEN.into(),
+        state_file: opts.state_file,
+        heartbeat_timeout: opts.heartbeat_timeout,
+        long_poll_max: opts.long_poll_max,
+    };
+    let task = tokio::spawn(serve(config, listener));
+    Server { addr, task }
+}
+
+struct Resp {
+    status: u16,
+    body: String,
+}
+
+impl Resp {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: status {} body {:?}", self.status, self.body))
+    }
+
+    /// Asserts an error status with an `{"error": ...}` body.
+    fn expect_error(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        let e: ApiError = self.json();
+        assert!(!e.error.is_empty());
+        e.error
+    }
+}
+
+async fn raw(addr: SocketAddr, method: &str, path: &str, auth: Option<&str>, body: &str) -> Resp {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    if let Some(token) = auth {
+        req.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Resp { status, body }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        s = &rest[size + 2..];
+    }
+}
+
+async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> Resp {
+    raw(addr, method, path, Some(TOKEN), body).await
+}
+
+async fn create_tenant(addr: SocketAddr, name: &str, vni: u32, subnet: &str) -> Tenant {
+    let r = call(
+        addr,
+        "POST",
+        "/v1/tenants",
+        &json!({"name": name, "vni": vni, "subnet": subnet}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()
+}
+
+async fn register(addr: SocketAddr, node: &str, ip: &str) -> NodeOverlay {
+    let r = call(
+        addr,
+        "POST",
+        "/v1/agents/register",
+        &json!({"node": node, "underlay_ip": ip}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+async fn heartbeat(addr: SocketAddr, node: &str) -> Resp {
+    call(
+        addr,
+        "POST",
+        &format!("/v1/agents/{node}/heartbeat"),
+        r#"{"pools": {"red": {"ready": 5, "claimed": 2, "build_errors": 0}}}"#,
+    )
+    .await
+}
+
+async fn overlay(addr: SocketAddr, node: &str, since: u64) -> Resp {
+    call(
+        addr,
+        "GET",
+        &format!("/v1/agents/{node}/overlay?since={since}"),
+        "",
+    )
+    .await
+}
+
+async fn version(addr: SocketAddr) -> u64 {
+    let text = raw(addr, "GET", "/metrics", None, "").await.body;
+    text.lines()
+        .find_map(|l| l.strip_prefix("particle_controller_overlay_version "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn tenants(addr: SocketAddr) -> Vec<Tenant> {
+    let r = call(addr, "GET", "/v1/tenants", "").await;
+    assert_eq!(r.status, 200);
+    r.json()
+}
+
+fn temp_state_file(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "particle-controller-api-{tag}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("state.json")
+}
+
+#[tokio::test]
+async fn tenant_crud() {
+    let s = start(Opts::default()).await;
+    assert!(tenants(s.addr).await.is_empty());
+    let t = create_tenant(s.addr, "red", 100, "10.1.0.0/16").await;
+    assert_eq!(t.block_prefix, 24);
+    assert!(t.blocks.is_empty());
+    let r = call(
+        s.addr,
+        "POST",
+        "/v1/tenants",
+        r#"{"name":"blue","vni":101,"subnet":"10.2.0.0/16","block_prefix":26}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json::<Tenant>().block_prefix, 26);
+
+    let list = tenants(s.addr).await;
+    let names: Vec<_> = list.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["blue", "red"]);
+    let r = call(s.addr, "GET", "/v1/tenants/red", "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json::<Tenant>(), t);
+
+    let r = call(s.addr, "DELETE", "/v1/tenants/red", "").await;
+    assert_eq!(r.status, 204);
+    call(s.addr, "GET", "/v1/tenants/red", "")
+        .await
+        .expect_error(404);
+    assert_eq!(tenants(s.addr).await.len(), 1);
+    // The freed VNI and subnet can be used again.
+    create_tenant(s.addr, "green", 100, "10.1.0.0/16").await;
+
+    let r = raw(s.addr, "GET", "/healthz", None, "").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+}
+
+#[tokio::test]
+async fn blocks_are_assigned_both_ways_and_overlays_list_other_nodes() {
+    let s = start(Opts::default()).await;
+    let o1 = register(s.addr, "n1", "192.168.1.1").await;
+    assert!(o1.tenants.is_empty());
+    // Tenant creation gives the existing node a block.
+    let t = create_tenant(s.addr, "red", 100, "10.1.0.0/16").await;
+    assert_eq!(t.blocks["n1"], "10.1.0.0/24");
+    // Registration gives the new node a block of the existing tenant.
+    let o2 = register(s.addr, "n2", "192.168.1.2").await;
+    assert_eq!(o2.tenants.len(), 1);
+    assert_eq!(o2.tenants[0].vni, 100);
+    assert_eq!(o2.tenants[0].local_block, "10.1.1.0/24");
+    let remotes: Vec<_> = o2.tenants[0]
+        .remotes
+        .iter()
+        .map(|r| (r.node.as_str(), r.underlay_ip.to_string(), r.block.as_str()))
+        .collect();
+    assert_eq!(remotes, [("n1", "192.168.1.1".to_string(), "10.1.0.0/24")]);
+    register(s.addr, "n3", "192.168.1.3").await;
+
+    let o1: NodeOverlay = overlay(s.addr, "n1", 0).await.json();
+    assert_eq!(o1.node, "n1");
+    assert_eq!(o1.tenants[0].local_block, "10.1.0.0/24");
+    let others: Vec<_> = o1.tenants[0]
+        .remotes
+        .iter()
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(others, ["n2", "n3"]);
+
+    let t: Tenant = call(s.addr, "GET", "/v1/tenants/red", "").await.json();
+    assert_eq!(t.blocks.len(), 3);
+    let nodes: Vec<Node> = call(s.addr, "GET", "/v1/nodes", "").await.json();
+    assert_eq!(nodes.len(), 3);
+
+    // Re-registering the same node is idempotent: same block, no new version.
+    let v = version(s.addr).await;
+    let again = register(s.addr, "n2", "192.168.1.2").await;
+    assert_eq!(again.tenants[0].local_block, "10.1.1.0/24");
+    assert_eq!(again.version, v);
+    // Another name on the same underlay ip is a conflict.
+    call(
+        s.addr,
+        "POST",
+        "/v1/agents/register",
+        r#"{"node":"n9","underlay_ip":"192.168.1.2"}"#,
+    )
+    .await
+    .expect_error(409);
+    assert_eq!(version(s.addr).await, v);
+
+    // Heartbeats feed the pool metric.
+    assert_eq!(heartbeat(s.addr, "n1").await.status, 204);
+    let metrics = raw(s.addr, "GET", "/metrics", None, "").await;
+    assert_eq!(metrics.status, 200);
+    for needle in [
+        "particle_controller_nodes 3",
+        "particle_controller_tenants 1",
+        "particle_controller_requests_total{status=\"200\"}",
+        "particle_controller_pool_ready{node=\"n1\",tenant=\"red\"} 5",
+    ] {
+        assert!(
+            metrics.body.contains(needle),
+            "{needle} in\n{}",
+            metrics.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn long_poll_answers_at_once_when_behind_and_waits_for_a_change() {
+    let s = start(Opts::default()).await;
+    register(s.addr, "n1", "192.168.1.1").await;
+    let v = version(s.addr).await;
+    assert!(v > 0);
+
+    // Behind: immediate.
+    let t0 = Instant::now();
+    let o: NodeOverlay = overlay(s.addr, "n1", v - 1).await.json();
+    assert_eq!(o.version, v);
+    assert!(t0.elapsed() < Duration::from_millis(500));
+
+    // Current: waits until something changes.
+    let addr = s.addr;
+    let poll = tokio::spawn(async move {
+        let t0 = Instant::now();
+        let r = overlay(addr, "n1", v).await;
+        (r, t0.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poll.is_finished(), "long poll answered without a change");
+    create_tenant(s.addr, "red", 100, "10.1.0.0/16").await;
+    let (r, waited) = tokio::time::timeout(Duration::from_secs(1), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    let o: NodeOverlay = r.json();
+    assert!(o.version > v);
+    assert_eq!(o.tenants[0].name, "red");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+
+    // Unknown node: 404.
+    overlay(s.addr, "ghost", 0).await.expect_error(404);
+}
+
+#[tokio::test]
+async fn long_poll_gives_up_after_the_configured_max() {
+    let s = start(Opts {
+        long_poll_max: Duration::from_millis(300),
+        ..Opts::default()
+    })
+    .await;
+    register(s.addr, "n1", "192.168.1.1").await;
+    let v = version(s.addr).await;
+    let t0 = Instant::now();
+    let o: NodeOverlay = overlay(s.addr, "n1", v).await.json();
+    let waited = t0.elapsed();
+    assert_eq!(o.version, v);
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(1),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_node_leaves_the_others_overlay_within_the_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = start(Opts {
+        heartbeat_timeout: timeout,
+        ..Opts::default()
+    })
+    .await;
+    create_tenant(s.addr, "red", 100, "10.1.0.0/16").await;
+    register(s.addr, "alive", "192.168.1.1").await;
+    register(s.addr, "silent", "192.168.1.2").await;
+    let o: NodeOverlay = overlay(s.addr, "alive", 0).await.json();
+    assert_eq!(o.tenants[0].remotes.len(), 1);
+
+    let t0 = Instant::now();
+    let bound = timeout + Duration::from_millis(500);
+    let removed_after = loop {
+        assert_eq!(heartbeat(s.addr, "alive").await.status, 204);
+        let o: NodeOverlay = overlay(s.addr, "alive", 0).await.json();
+        if o.tenants[0].remotes.is_empty() {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < bound + Duration::from_millis(400),
+            "silent node still listed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(removed_after >= timeout, "{removed_after:?}");
+    // Its heartbeats are now refused: it must register again.
+    heartbeat(s.addr, "silent").await.expect_error(404);
+    let nodes: Vec<Node> = call(s.addr, "GET", "/v1/nodes", "").await.json();
+    assert_eq!(nodes.len(), 1);
+    let t: Tenant = call(s.addr, "GET", "/v1/tenants/red", "").await.json();
+    assert_eq!(t.blocks.keys().collect::<Vec<_>>(), ["alive"]);
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let file = temp_state_file("restart");
+    let opts = || Opts {
+        state_file: Some(file.clone()),
+        ..Opts::default()
+    };
+    let s = start(opts()).await;
+    register(s.addr, "n1", "192.168.1.1").await;
+    register(s.addr, "n2", "192.168.1.2").await;
+    create_tenant(s.addr, "red", 100, "10.1.0.0/16").await;
+    create_tenant(s.addr, "blue", 200, "10.2.0.0/16").await;
+    let before = tenants(s.addr).await;
+    let v = version(s.addr).await;
+    let overlay_before: NodeOverlay = overlay(s.addr, "n2", 0).await.json();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let s = start(opts()).await;
+    assert_eq!(tenants(s.addr).await, before);
+    assert_eq!(version(s.addr).await, v);
+    let overlay_after: NodeOverlay = overlay(s.addr, "n2", 0).await.json();
+    assert_eq!(overlay_after, overlay_before);
+    // Restored nodes are live (grace period) and keep their blocks.
+    assert_eq!(heartbeat(s.addr, "n1").await.status, 204);
+    // A new node gets a block not held by a restored one.
+    let o3 = register(s.addr, "n3", "192.168.1.3").await;
+    let red = o3.tenants.iter().find(|t| t.name == "red").unwrap();
+    assert_eq!(red.local_block, "10.1.2.0/24");
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_with_error_body_and_change_nothing() {
+    let file = temp_state_file("bad");
+    let s = start(Opts {
+        state_file: Some(file.clone()),
+        ..Opts::default()
+    })
+    .await;
+    register(s.addr, "n1", "192.168.1.1").await;
+    create_tenant(s.addr, "red", 100, "10.1.0.0/16").await;
+    let v = version(s.addr).await;
+    let before = tenants(s.addr).await;
+    let stored = std::fs::read(&file).unwrap();
+
+    let post_tenant = |body: &'static str| call(s.addr, "POST", "/v1/tenants", body);
+    let cases: Vec<(&str, Resp, u16)> = vec![
+        (
+            "malformed json",
+            post_tenant(r#"{"name": "x", "#).await,
+            400,
+        ),
+        (
+            "unknown field",
+            post_tenant(r#"{"name":"blue","vni":5,"subnet":"10.2.0.0/16","colour":"b"}"#).await,
+            400,
+        ),
+        (
+            "missing field",
+            post_tenant(r#"{"name":"blue","vni":5}"#).await,
+            400,
+        ),
+        (
+            "missing token",
+            raw(
+                s.addr,
+                "POST",
+                "/v1/tenants",
+                None,
+                r#"{"name":"blue","vni":5,"subnet":"10.2.0.0/16"}"#,
+            )
+            .await,
+            401,
+        ),
+        (
+            "wrong token",
+            raw(
+                s.addr,
+                "POST",
+                "/v1/tenants",
+                Some("nope"),
+                r#"{"name":"blue","vni":5,"subnet":"10.2.0.0/16"}"#,
+            )
+            .await,
+            401,
+        ),
+        (
+            "wrong token on a read",
+            raw(s.addr, "GET", "/v1/tenants", Some("nope"), "").await,
+            401,
+        ),
+        (
+            "unknown tenant get",
+            call(s.addr, "GET", "/v1/tenants/nope", "").await,
+            404,
+        ),
+        (
+            "unknown tenant delete",
+            call(s.addr, "DELETE", "/v1/tenants/nope", "").await,
+            404,
+        ),
+        (
+            "tenant exists",
+            post_tenant(r#"{"name":"red","vni":7,"subnet":"10.7.0.0/16"}"#).await,
+            409,
+        ),
+        (
+            "vni in use",
+            post_tenant(r#"{"name":"blue","vni":100,"subnet":"10.2.0.0/16"}"#).await,
+            409,
+        ),
+        (
+            "vni 0",
+            post_tenant(r#"{"name":"blue","vni":0,"subnet":"10.2.0.0/16"}"#).await,
+            400,
+        ),
+        (
+            "vni too big",
+            post_tenant(r#"{"name":"blue","vni":16777216,"subnet":"10.2.0.0/16"}"#).await,
+            400,
+        ),
+        (
+            "subnet overlap",
+            post_tenant(r#"{"name":"blue","vni":5,"subnet":"10.1.128.0/17"}"#).await,
+            409,
+        ),
+        (
+            "unparsable subnet",
+            post_tenant(r#"{"name":"blue","vni":5,"subnet":"ten.two/16"}"#).await,
+            400,
+        ),
+        (
+            "host bits",
+            post_tenant(r#"{"name":"blue","vni":5,"subnet":"10.2.0.1/16"}"#).await,
+            400,
+        ),
+        (
+            "bad block prefix",
+            post_tenant(r#"{"name":"blue","vni":5,"subnet":"10.2.0.0/16","block_prefix":31}"#)
+                .await,
+            400,
+        ),
+        (
+            "bad tenant name",
+            post_tenant(r#"{"name":"Blue_1","vni":5,"subnet":"10.2.0.0/16"}"#).await,
+            400,
+        ),
+        (
+            "bad node name",
+            call(
+                s.addr,
+                "POST",
+                "/v1/agents/register",
+                r#"{"node":"N 1","underlay_ip":"192.168.1.9"}"#,
+            )
+            .await,
+            400,
+        ),
+        (
+            "bad underlay ip",
+            call(
+                s.addr,
+                "POST",
+                "/v1/agents/register",
+                r#"{"node":"n9","underlay_ip":"not-an-ip"}"#,
+            )
+            .await,
+            400,
+        ),
+        (
+            "heartbeat for unknown node",
+            heartbeat(s.addr, "ghost").await,
+            404,
+        ),
+        (
+            "malformed heartbeat",
+            call(s.addr, "POST", "/v1/agents/n1/heartbeat", "{pools").await,
+            400,
+        ),
+        (
+            "bad since",
+            call(s.addr, "GET", "/v1/agents/n1/overlay?since=abc", "").await,
+            400,
+        ),
+        (
+            "unknown route",
+            call(s.addr, "GET", "/v1/nothing", "").await,
+            404,
+        ),
+        (
+            "unknown top-level route",
+            raw(s.addr, "GET", "/nothing", None, "").await,
+            404,
+        ),
+        (
+            "wrong method",
+            call(s.addr, "PUT", "/v1/tenants", "").await,
+            405,
+        ),
+    ];
+    for (what, resp, status) in &cases {
+        assert_eq!(resp.status, *status, "{what}: {}", resp.body);
+        let e: ApiError = serde_json::from_str(&resp.body)
+            .unwrap_or_else(|e| panic!("{what}: body {:?} is not an ApiError: {e}", resp.body));
+        assert!(!e.error.is_empty(), "{what}");
+    }
+    assert_eq!(version(s.addr).await, v);
+    assert_eq!(tenants(s.addr).await, before);
+    assert_eq!(std::fs::read(&file).unwrap(), stored, "store rewritten");
+    let nodes: Vec<Node> = call(s.addr, "GET", "/v1/nodes", "").await.json();
+    assert_eq!(nodes.len(), 1);
+    let metrics = raw(s.addr, "GET", "/metrics", None, "").await.body;
+    assert!(metrics.contains("particle_controller_requests_total{status=\"401\"} 3"));
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}

@@ -1,0 +1,196 @@
+//! Controller and agents together over a namespaced underlay: three nodes
+//! register, two tenants get networks and warm pools everywhere, endpoints
+//! claimed through the agents' local API reach their own tenant across nodes
+//! and never the other; a node that stops heartbeating leaves the others'
+//! overlay state, and an agent started again rejoins.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use particle_controller::api::{CreateTenant, Node, NodeOverlay, Tenant};
+use particle_controller::ControllerConfig;
+use particle_net::scratch::ScratchNode;
+use particle_net::{AddressBlock, Endpoint, NetNs, NetlinkSocket, PoolConfig, Run};
+use particle_node_agent::controller_client::{ControllerClient, Dial};
+use particle_node_agent::daemon::{self, AgentConfig};
+use particle_node_agent::local_api::{ClaimedEndpoint, LocalResponse};
+use particle_node_agent::NodeConfig;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const TOKEN: &str = "test-token";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn dial_from(ns: &NetNs) -> Dial {
+    let ns = Arc::new(ns.try_clone().unwrap());
+    Arc::new(move |addr| {
+        ns.run_in(|| std::net::TcpStream::connect(addr))
+            .map_err(std::io::Error::other)?
+    })
+}
+
+/// One request to an agent's local API; `None` while the agent is not listening yet.
+async fn local(socket: &Path, request: &str) -> Option<LocalResponse> {
+    let stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await.unwrap();
+    Some(serde_json::from_str(&line).unwrap())
+}
+
+async fn claim(socket: &Path, tenant: &str) -> ClaimedEndpoint {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match local(socket, &format!(r#"{{"op":"claim","tenant":"{tenant}"}}"#)).await {
+            Some(LocalResponse::Claimed { endpoint, .. }) => return endpoint,
+            other => {
+                assert!(Instant::now() < deadline, "claim {tenant}: {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn ping(from: &ClaimedEndpoint, to: &ClaimedEndpoint) -> bool {
+    let ns = NetNs::open(&from.netns).unwrap();
+    let ip = to.address.split('/').next().unwrap();
+    ns.command("ping")
+        .args(["-c", "1", "-W", "1", ip])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+struct Agent {
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    socket: PathBuf,
+}
+
+fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> Agent {
+    let socket = PathBuf::from(format!("/run/particle/test-{}-n{i}.sock", run.prefix()));
+    let config = AgentConfig {
+        node_name: format!("n{i}"),
+        node: NodeConfig {
+            prefix: run.prefix().clone(),
+            underlay: ScratchNode::underlay_of(host),
+            pool: PoolConfig {
+                high_watermark: 4,
+                low_watermark: 2,
+                batch_size: 4,
+            },
+            workers: 1,
+        },
+        socket_path: socket.clone(),
+        heartbeat_every: Duration::from_millis(100),
+    };
+    let node_socket = NetlinkSocket::open_in(host.netns()).unwrap();
+    let client = ControllerClient::new(controller, TOKEN.into(), dial_from(host.netns()));
+    Agent {
+        task: tokio::spawn(daemon::run(config, node_socket, client)),
+        socket,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates network namespaces and needs root; run the suite as root (see README)"
+    );
+    let _ = particle_net::limits::raise_open_files();
+    let run = Run::start().unwrap();
+    let mut fabric =
+        ScratchNode::new(run.prefix(), AddressBlock::parse("10.253.0.0/24").unwrap()).unwrap();
+    let hosts = fabric.hosts(3).unwrap();
+
+    // The controller listens on the fabric bridge's address, inside the fabric.
+    let addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), 7700);
+    let listener = fabric
+        .netns
+        .run_in(|| std::net::TcpListener::bind(addr))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let config = ControllerConfig {
+        listen: addr,
+        token: TOKEN.into(),
+        state_file: None,
+        heartbeat_timeout: Duration::from_millis(800),
+        long_poll_max: Duration::from_secs(5),
+    };
+    let controller = tokio::spawn(particle_controller::serve(
+        config,
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+    ));
+    let user = ControllerClient::new(addr, TOKEN.into(), dial_from(&fabric.netns));
+
+    for (name, vni, subnet) in [("a", 500, "10.50.0.0/16"), ("b", 600, "10.60.0.0/16")] {
+        let body = CreateTenant {
+            name: name.into(),
+            vni,
+            subnet: subnet.into(),
+            block_prefix: None,
+        };
+        let _: Tenant = user
+            .call(hyper::Method::POST, "/v1/tenants", Some(&body))
+            .await
+            .unwrap();
+    }
+    let mut agents: Vec<Agent> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| start_agent(&run, h, i, addr))
+        .collect();
+
+    let a0 = claim(&agents[0].socket, "a").await;
+    let a2 = claim(&agents[2].socket, "a").await;
+    let b1 = claim(&agents[1].socket, "b").await;
+    let b2 = claim(&agents[2].socket, "b").await;
+    assert!(ping(&a0, &a2), "tenant a across nodes");
+    assert!(ping(&b1, &b2), "tenant b across nodes");
+    assert!(!ping(&a0, &b1), "tenant a reached tenant b");
+    assert!(!ping(&b2, &a2), "tenant b reached tenant a on its own node");
+
+    // Node 2's agent stops: within the heartbeat timeout the others drop it.
+    agents[2].task.abort();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let o: NodeOverlay = user
+            .call::<(), _>(hyper::Method::GET, "/v1/agents/n0/overlay?since=0", None)
+            .await
+            .unwrap();
+        if o.tenants
+            .iter()
+            .all(|t| t.remotes.iter().all(|r| r.node != "n2"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n2 still in n0's overlay: {o:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let nodes: Vec<Node> = user
+        .call::<(), _>(hyper::Method::GET, "/v1/nodes", None)
+        .await
+        .unwrap();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+
+    // Started again, it rejoins and its tenant reaches across once more.
+    agents[2] = start_agent(&run, &hosts[2], 2, addr);
+    let a2 = claim(&agents[2].socket, "a").await;
+    let deadline = Instant::now() + WAIT;
+    while !ping(&a0, &a2) {
+        assert!(Instant::now() < deadline, "restarted node 2 unreachable");
+    }
+
+    for agent in agents {
+        agent.task.abort();
+        let _ = std::fs::remove_file(&agent.socket);
+    }
+    controller.abort();
+}
