@@ -65,17 +65,25 @@ pub async fn run(
     };
     // Stopping the agent (or dropping this future) stops its background tasks,
     // and with them the node's tenant networks and pools.
-    let _tasks = AbortOnDrop(vec![heartbeats, follower]);
+    let _running = Running {
+        tasks: vec![heartbeats, follower],
+        socket_path: config.socket_path.clone(),
+    };
     local_api::serve(listener, claims).await
 }
 
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+/// What a running agent leaves behind when it stops: nothing.
+struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    socket_path: PathBuf,
+}
 
-impl Drop for AbortOnDrop {
+impl Drop for Running {
     fn drop(&mut self) {
-        for task in &self.0 {
+        for task in &self.tasks {
             task.abort();
         }
+        let _ = std::fs::remove_file(&self.socket_path);
     }
 }
 

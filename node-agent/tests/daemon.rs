@@ -190,7 +190,8 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
 
     for agent in agents {
         agent.task.abort();
-        let _ = std::fs::remove_file(&agent.socket);
+        let _ = agent.task.await;
+        assert!(!agent.socket.exists(), "a stopped agent removes its socket");
     }
     controller.abort();
 }
