@@ -21,12 +21,33 @@ enum Command {
         #[command(subcommand)]
         bench: Bench,
     },
+    /// The controller: tenants, nodes, address blocks; pushes overlay state to agents.
+    Controller(ControllerArgs),
     /// The node agent: runs in its node's namespace, owns the node's tenant
     /// overlays and warm pools, follows the controller, serves the local API.
     Agent(AgentArgs),
     /// Removes what crashed Particle runs left behind (mounted namespaces,
     /// links in this namespace); never touches live runs.
     Gc,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Address to listen on (agents and users).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: std::net::SocketAddr,
+    /// File holding the bearer token every /v1 request must carry.
+    #[arg(long)]
+    token_file: std::path::PathBuf,
+    /// The embedded store (tenants, blocks, nodes); omitted: memory only.
+    #[arg(long)]
+    state_file: Option<std::path::PathBuf>,
+    /// Seconds without a heartbeat after which a node is removed.
+    #[arg(long, default_value_t = 3.0)]
+    heartbeat_timeout: f64,
+    /// Listen inside this network namespace (e.g. a local cluster's underlay).
+    #[arg(long)]
+    netns: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +133,7 @@ fn main() -> Result<()> {
                 anyhow::bail!("{} objects leaked", report.leaked);
             }
         }
+        Command::Controller(args) => controller(args)?,
         Command::Agent(args) => agent(args)?,
         Command::Gc => {
             let mut socket = particle_net::NetlinkSocket::open().context("netlink socket")?;
@@ -133,20 +155,54 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn agent(args: AgentArgs) -> Result<()> {
-    use particle_net::{NetNs, PoolConfig, Run, RunPrefix};
-    // Enter the node's namespace while the process has one thread: every
-    // socket and thread made later is then in it, as on a real host.
-    if let Some(path) = &args.netns {
-        let ns = NetNs::open(path)?;
+/// Moves the whole process into a network namespace. Called while the process
+/// has one thread: every socket and thread made later is then in it, as on a
+/// real host.
+fn enter_netns(path: Option<&std::path::Path>) -> Result<()> {
+    if let Some(path) = path {
+        let ns = particle_net::NetNs::open(path)?;
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {}", path.display()))?;
     }
-    particle_net::limits::raise_open_files()?;
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading {}", args.token_file.display()))?
+    Ok(())
+}
+
+fn read_token(path: &std::path::Path) -> Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token from {}", path.display()))?
         .trim()
         .to_string();
+    anyhow::ensure!(!token.is_empty(), "{} holds no token", path.display());
+    Ok(token)
+}
+
+fn controller(args: ControllerArgs) -> Result<()> {
+    enter_netns(args.netns.as_deref())?;
+    anyhow::ensure!(
+        args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0,
+        "--heartbeat-timeout must be a positive number of seconds"
+    );
+    let config = particle_controller::ControllerConfig {
+        listen: args.listen,
+        token: read_token(&args.token_file)?,
+        state_file: args.state_file,
+        heartbeat_timeout: std::time::Duration::from_secs_f64(args.heartbeat_timeout),
+        long_poll_max: particle_controller::DEFAULT_LONG_POLL_MAX,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        particle_controller::serve(config, listener).await
+    })
+}
+
+fn agent(args: AgentArgs) -> Result<()> {
+    use particle_net::{PoolConfig, Run, RunPrefix};
+    enter_netns(args.netns.as_deref())?;
+    particle_net::limits::raise_open_files()?;
+    let token = read_token(&args.token_file)?;
     let run = match &args.prefix {
         Some(p) => Run::with_prefix(RunPrefix::parse(p)?)?,
         None => Run::start()?,
