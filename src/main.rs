@@ -1,5 +1,7 @@
 //! `particle`: the one command operators run.
 
+mod cluster;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -21,6 +23,11 @@ enum Command {
         #[command(subcommand)]
         bench: Bench,
     },
+    /// A local cluster: N namespaced nodes, a controller and N agents.
+    Cluster {
+        #[command(subcommand)]
+        cluster: ClusterCommand,
+    },
     /// The controller: tenants, nodes, address blocks; pushes overlay state to agents.
     Controller(ControllerArgs),
     /// The node agent: runs in its node's namespace, owns the node's tenant
@@ -29,6 +36,26 @@ enum Command {
     /// Removes what crashed Particle runs left behind (mounted namespaces,
     /// links in this namespace); never touches live runs.
     Gc,
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Starts the cluster and stays in the foreground until Ctrl-C or `down`.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// The underlay's subnet (exists only inside the cluster's namespaces).
+        #[arg(long, default_value = "10.254.0.0/24")]
+        underlay: String,
+        /// The controller's port (on the underlay, and relayed on 127.0.0.1).
+        #[arg(long, default_value_t = 7700)]
+        port: u16,
+        /// Warm endpoints per tenant per node.
+        #[arg(long, default_value_t = 16)]
+        pool_size: usize,
+    },
+    /// Stops every running local cluster.
+    Down,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +158,28 @@ fn main() -> Result<()> {
             }
             if report.leaked > 0 {
                 anyhow::bail!("{} objects leaked", report.leaked);
+            }
+        }
+        Command::Cluster {
+            cluster:
+                ClusterCommand::Up {
+                    nodes,
+                    underlay,
+                    port,
+                    pool_size,
+                },
+        } => cluster::up(&cluster::UpOptions {
+            nodes,
+            underlay,
+            port,
+            pool_size,
+        })?,
+        Command::Cluster {
+            cluster: ClusterCommand::Down,
+        } => {
+            let n = cluster::down()?;
+            if n == 0 {
+                println!("no local cluster running");
             }
         }
         Command::Controller(args) => controller(args)?,

@@ -8,11 +8,13 @@ use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use particle_controller::api::{ApiError, Heartbeat, NodeOverlay, RegisterNode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+pub use hyper::Method;
 
 /// Opens a TCP connection to the controller.
 pub type Dial = Arc<dyn Fn(SocketAddr) -> io::Result<std::net::TcpStream> + Send + Sync>;

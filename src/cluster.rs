@@ -1,0 +1,287 @@
+//! `particle cluster up|down`: a local cluster on one machine. Every node is a
+//! network namespace (a simulated host) on a bridge that plays the underlay
+//! switch; the controller runs in the underlay namespace and each agent in
+//! its node's, as separate processes of the same `particle` binary that runs
+//! on real hosts. Users reach the controller at 127.0.0.1 through a small TCP
+//! relay, since the machine's own namespace is never wired to the underlay.
+//!
+//! Everything hangs off this foreground process: namespaces are held by fd,
+//! children die with it (PR_SET_PDEATHSIG), so Ctrl-C, `cluster down` or a
+//! crash leave nothing behind.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use particle_net::scratch::ScratchNode;
+use particle_net::{AddressBlock, NetNs, Run};
+use particle_node_agent::controller_client::Method;
+
+/// Where a running cluster's files live.
+fn cluster_dir(run: &Run) -> PathBuf {
+    Path::new("/run/particle").join(run.prefix().label("cluster"))
+}
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub nodes: usize,
+    /// The underlay's subnet (inside the cluster's namespaces only).
+    pub underlay: String,
+    /// Port of the controller (on the underlay) and of the relay on 127.0.0.1.
+    pub port: u16,
+    pub pool_size: usize,
+}
+
+/// Kills and reaps a child when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_in(ns: &NetNs, args: &[String], log: &Path) -> Result<ChildGuard> {
+    let exe = std::env::current_exe().context("locating the particle binary")?;
+    let log_file = std::fs::File::create(log)?;
+    let mut cmd = ns.command(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: prctl is async-signal-safe; it makes the child die with us.
+    unsafe {
+        cmd.pre_exec(|| {
+            if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(ChildGuard(
+        cmd.spawn().with_context(|| format!("starting {args:?}"))?,
+    ))
+}
+
+pub fn up(opts: &UpOptions) -> Result<()> {
+    if opts.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("cluster up creates network namespaces: run it as root");
+    }
+    particle_net::limits::raise_open_files()?;
+    let run = Run::start()?;
+    let dir = cluster_dir(&run);
+    std::fs::create_dir_all(&dir)?;
+    let _dir_guard = RemoveDir(dir.clone());
+    std::fs::write(dir.join("pid"), std::process::id().to_string())?;
+    let mut fabric = ScratchNode::new(run.prefix(), AddressBlock::parse(&opts.underlay)?)
+        .context("creating the underlay")?;
+    let hosts = fabric.hosts(opts.nodes).context("creating the nodes")?;
+
+    let token_file = dir.join("token");
+    let mut token = [0u8; 16];
+    getrandom_token(&mut token)?;
+    let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&token_file, &token)?;
+
+    let controller_addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), opts.port);
+    let mut children = vec![spawn_in(
+        &fabric.netns,
+        &[
+            "controller".into(),
+            "--listen".into(),
+            controller_addr.to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--state-file".into(),
+            dir.join("controller.json").display().to_string(),
+        ],
+        &dir.join("controller.log"),
+    )?];
+    let mut sockets = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let socket = dir.join(format!("n{i}.sock"));
+        children.push(spawn_in(
+            host.netns(),
+            &[
+                "agent".into(),
+                "--node".into(),
+                format!("n{i}"),
+                "--controller".into(),
+                controller_addr.to_string(),
+                "--token-file".into(),
+                token_file.display().to_string(),
+                "--underlay-iface".into(),
+                particle_net::endpoint::ENDPOINT_IFNAME.into(),
+                "--underlay-ip".into(),
+                host.address().ip().to_string(),
+                "--socket".into(),
+                socket.display().to_string(),
+                "--pool-size".into(),
+                opts.pool_size.to_string(),
+            ],
+            &dir.join(format!("n{i}.log")),
+        )?);
+        sockets.push((host.address().ip(), socket));
+    }
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let fabric_ns = Arc::new(fabric.netns.try_clone()?);
+    runtime.block_on(async {
+        let relay_addr = SocketAddr::from(([127, 0, 0, 1], opts.port));
+        let relay = tokio::net::TcpListener::bind(relay_addr)
+            .await
+            .with_context(|| format!("relay on {relay_addr}"))?;
+        tokio::spawn(relay_loop(relay, fabric_ns, controller_addr));
+        wait_for_nodes(relay_addr, &token, opts.nodes, Duration::from_secs(30)).await?;
+        println!("cluster {} up: {} nodes", run.prefix(), opts.nodes);
+        println!(
+            "  controller  http://{relay_addr} (relayed to {controller_addr} on the underlay)"
+        );
+        println!("  token       {}", token_file.display());
+        for (i, (ip, socket)) in sockets.iter().enumerate() {
+            println!(
+                "  node n{i}     underlay {ip}, agent socket {}",
+                socket.display()
+            );
+        }
+        println!("  logs        {}", dir.display());
+        println!("ready (Ctrl-C or `particle cluster down` to stop)");
+        wait_for_stop(&mut children).await
+    })?;
+    drop(children);
+    drop(hosts);
+    drop(fabric);
+    println!("cluster {} down", run.prefix());
+    Ok(())
+}
+
+async fn relay_loop(listener: tokio::net::TcpListener, fabric: Arc<NetNs>, target: SocketAddr) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        let fabric = fabric.clone();
+        tokio::spawn(async move {
+            let dialed = tokio::task::spawn_blocking(move || {
+                fabric.run_in(|| std::net::TcpStream::connect(target))
+            })
+            .await;
+            let Ok(Ok(Ok(outbound))) = dialed else {
+                return;
+            };
+            if outbound.set_nonblocking(true).is_err() {
+                return;
+            }
+            if let Ok(mut outbound) = tokio::net::TcpStream::from_std(outbound) {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+async fn wait_for_nodes(
+    relay: SocketAddr,
+    token: &str,
+    nodes: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let client =
+        particle_node_agent::controller_client::ControllerClient::direct(relay, token.into());
+    let start = Instant::now();
+    loop {
+        let listed: Result<Vec<particle_controller::api::Node>, _> =
+            client.call::<(), _>(Method::GET, "/v1/nodes", None).await;
+        match listed {
+            Ok(n) if n.len() == nodes => return Ok(()),
+            _ if start.elapsed() > timeout => {
+                bail!("only {listed:?} of {nodes} nodes registered after {timeout:?}; see the logs")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Returns on SIGINT/SIGTERM, or with an error when a child exits.
+async fn wait_for_stop(children: &mut [ChildGuard]) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = check.tick() => {
+                for c in children.iter_mut() {
+                    if let Some(status) = c.0.try_wait()? {
+                        bail!("a cluster process exited ({status}); see its log");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops every running local cluster (SIGTERM to their `cluster up`).
+pub fn down() -> Result<usize> {
+    let mut stopped = 0;
+    for entry in std::fs::read_dir("/run/particle")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(prefix) = name.strip_suffix("-cluster") else {
+            continue;
+        };
+        let pid_file = entry.path().join("pid");
+        let Ok(pid) = std::fs::read_to_string(&pid_file) else {
+            continue;
+        };
+        let pid: i32 = pid
+            .trim()
+            .parse()
+            .with_context(|| format!("{}", pid_file.display()))?;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            let start = Instant::now();
+            while entry.path().exists() && start.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("stopped cluster {prefix}");
+            stopped += 1;
+        }
+    }
+    Ok(stopped)
+}
+
+fn getrandom_token(buf: &mut [u8]) -> Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)?;
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Removes the cluster's directory (token, logs, sockets) when the cluster stops.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
