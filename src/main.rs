@@ -103,6 +103,9 @@ struct AgentArgs {
     /// Warm endpoints kept per tenant.
     #[arg(long, default_value_t = 32)]
     pool_size: usize,
+    /// Where `/metrics` listens; default: the underlay address, port 9101.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Name prefix of this agent's kernel objects (default: random).
     #[arg(long)]
     prefix: Option<String>,
@@ -277,7 +280,19 @@ fn agent(args: AgentArgs) -> Result<()> {
     };
     let client =
         particle_node_agent::controller_client::ControllerClient::direct(args.controller, token);
+    let metrics_addr = args
+        .metrics_listen
+        .unwrap_or_else(|| std::net::SocketAddr::from((args.underlay_ip, 9101)));
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(particle_node_agent::daemon::run(config, socket, client))?;
+    runtime.block_on(async {
+        let metrics = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("metrics on {metrics_addr}"))?;
+        let listeners = particle_node_agent::daemon::Listeners {
+            metrics: Some(metrics),
+        };
+        particle_node_agent::daemon::run(config, socket, client, listeners).await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
 }

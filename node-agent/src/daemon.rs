@@ -22,12 +22,19 @@ pub struct AgentConfig {
     pub heartbeat_every: Duration,
 }
 
+/// Where the agent serves what it serves.
+pub struct Listeners {
+    /// `/metrics` (Prometheus); `None` serves no metrics.
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
 /// Runs the agent until the controller client fails for good or the local API
 /// listener dies. `node_socket` is a netlink socket in the node's namespace.
 pub async fn run(
     config: AgentConfig,
     node_socket: NetlinkSocket,
     client: ControllerClient,
+    listeners: Listeners,
 ) -> std::io::Result<()> {
     let claims = Arc::new(Claims::default());
     let listener = local_api::bind(&config.socket_path)?;
@@ -65,8 +72,17 @@ pub async fn run(
     };
     // Stopping the agent (or dropping this future) stops its background tasks,
     // and with them the node's tenant networks and pools.
+    let mut tasks = vec![heartbeats, follower];
+    if let Some(listener) = listeners.metrics {
+        let claims = claims.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, claims).await {
+                tracing::error!("metrics listener: {e}");
+            }
+        }));
+    }
     let _running = Running {
-        tasks: vec![heartbeats, follower],
+        tasks,
         socket_path: config.socket_path.clone(),
     };
     local_api::serve(listener, claims).await

@@ -1,10 +1,12 @@
 //! The per-node agent: owns the node's tenant overlays and warm endpoint
-//! pools and applies the overlay state the controller sends. The daemon around
-//! it (controller client, local Unix-socket API, metrics) is not built yet.
+//! pools, applies the overlay state the controller sends ([`node_state`]),
+//! heartbeats and follows the controller ([`daemon`], [`controller_client`]),
+//! and serves the local Unix-socket API ([`local_api`]) and `/metrics`.
 
 pub mod controller_client;
 pub mod daemon;
 pub mod local_api;
+pub mod metrics;
 pub mod node_state;
 
 pub use node_state::{AgentError, NodeConfig, NodeState};

@@ -11,10 +11,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use particle_controller::api::PoolLevel;
-use particle_net::{EndpointPool, PooledEndpoint};
+use particle_net::{EndpointPool, PoolStats, PooledEndpoint};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -74,6 +75,8 @@ impl LocalResponse {
 pub struct Claims {
     pools: RwLock<BTreeMap<String, Arc<EndpointPool>>>,
     claimed: Mutex<HashMap<u64, PooledEndpoint>>,
+    requests: AtomicU64,
+    errors: AtomicU64,
 }
 
 impl Claims {
@@ -81,7 +84,34 @@ impl Claims {
         *self.pools.write().unwrap_or_else(PoisonError::into_inner) = pools;
     }
 
+    /// Every pool's counters.
+    pub fn pool_stats(&self) -> BTreeMap<String, PoolStats> {
+        self.pools
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, pool)| (name.clone(), pool.stats()))
+            .collect()
+    }
+
+    /// Requests handled and how many of them were errors.
+    pub fn request_counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn handle(&self, request: LocalRequest) -> LocalResponse {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let response = self.answer(request);
+        if matches!(response, LocalResponse::Error { .. }) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        response
+    }
+
+    fn answer(&self, request: LocalRequest) -> LocalResponse {
         match request {
             LocalRequest::Claim { tenant } => {
                 let pool = self
@@ -134,18 +164,15 @@ impl Claims {
             }
             LocalRequest::Status => {
                 let pools = self
-                    .pools
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                    .map(|(name, pool)| {
-                        let s = pool.stats();
+                    .pool_stats()
+                    .into_iter()
+                    .map(|(name, s)| {
                         let level = PoolLevel {
                             ready: s.ready,
                             claimed: s.claimed,
                             build_errors: s.build_errors,
                         };
-                        (name.clone(), level)
+                        (name, level)
                     })
                     .collect();
                 LocalResponse::Status { ok: true, pools }

@@ -70,6 +70,7 @@ fn ping(from: &ClaimedEndpoint, to: &ClaimedEndpoint) -> bool {
 struct Agent {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     socket: PathBuf,
+    metrics: SocketAddr,
 }
 
 fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> Agent {
@@ -91,9 +92,20 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
     };
     let node_socket = NetlinkSocket::open_in(host.netns()).unwrap();
     let client = ControllerClient::new(controller, TOKEN.into(), dial_from(host.netns()));
+    let metrics_addr = SocketAddr::new(IpAddr::V4(host.address().ip()), 9101);
+    let metrics = host
+        .netns()
+        .run_in(|| std::net::TcpListener::bind(metrics_addr))
+        .unwrap()
+        .unwrap();
+    metrics.set_nonblocking(true).unwrap();
+    let listeners = daemon::Listeners {
+        metrics: Some(tokio::net::TcpListener::from_std(metrics).unwrap()),
+    };
     Agent {
-        task: tokio::spawn(daemon::run(config, node_socket, client)),
+        task: tokio::spawn(daemon::run(config, node_socket, client, listeners)),
         socket,
+        metrics: metrics_addr,
     }
 }
 
@@ -156,6 +168,42 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     assert!(ping(&b1, &b2), "tenant b across nodes");
     assert!(!ping(&a0, &b1), "tenant a reached tenant b");
     assert!(!ping(&b2, &a2), "tenant b reached tenant a on its own node");
+
+    // Each agent reports its pools to Prometheus and in its heartbeats.
+    let scrape = ControllerClient::new(
+        agents[1].metrics,
+        String::new(),
+        dial_from(hosts[1].netns()),
+    );
+    let text = scrape
+        .send::<()>(hyper::Method::GET, "/metrics", None)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains(r#"particle_agent_pool_claims{tenant="b"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"particle_agent_pool_ready{tenant="a"}"#),
+        "{text}"
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let nodes: Vec<Node> = user
+            .call::<(), _>(hyper::Method::GET, "/v1/nodes", None)
+            .await
+            .unwrap();
+        let n1 = nodes.iter().find(|n| n.name == "n1").unwrap();
+        if n1.pools.get("b").is_some_and(|p| p.claimed == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat with n1's pools: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Node 2's agent stops: within the heartbeat timeout the others drop it.
     agents[2].task.abort();

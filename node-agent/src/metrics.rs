@@ -1,0 +1,130 @@
+//! The agent's Prometheus `/metrics`: per tenant pool levels and what the
+//! pool did (claims, builds, recycles, destructions, errors), and the local
+//! API's requests and errors. Read from the pools at scrape time.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::local_api::Claims;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+type U64Gauge = Gauge<u64, AtomicU64>;
+
+/// Renders the agent's metrics in the OpenMetrics text format.
+pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    let per_tenant = |registry: &mut Registry, name: &str, help: &str| {
+        let family = Family::<TenantLabels, U64Gauge>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let ready = per_tenant(
+        &mut registry,
+        "particle_agent_pool_ready",
+        "Warm endpoints ready",
+    );
+    let building = per_tenant(
+        &mut registry,
+        "particle_agent_pool_building",
+        "Endpoints being built",
+    );
+    let claimed = per_tenant(
+        &mut registry,
+        "particle_agent_pool_claims",
+        "Claims served (cumulative)",
+    );
+    let empty = per_tenant(
+        &mut registry,
+        "particle_agent_pool_empty_claims",
+        "Claims that found the pool empty (cumulative)",
+    );
+    let created = per_tenant(
+        &mut registry,
+        "particle_agent_pool_created",
+        "Endpoints built by refills (cumulative; its rate is the refill rate)",
+    );
+    let recycled = per_tenant(
+        &mut registry,
+        "particle_agent_pool_recycled",
+        "Endpoints returned clean and reused (cumulative)",
+    );
+    let destroyed = per_tenant(
+        &mut registry,
+        "particle_agent_pool_destroyed",
+        "Endpoints destroyed (cumulative)",
+    );
+    let errors = per_tenant(
+        &mut registry,
+        "particle_agent_pool_build_errors",
+        "Endpoint builds that failed (cumulative)",
+    );
+    for (tenant, stats) in claims.pool_stats() {
+        let l = TenantLabels { tenant };
+        ready.get_or_create(&l).set(stats.ready as u64);
+        building.get_or_create(&l).set(stats.building as u64);
+        claimed.get_or_create(&l).set(stats.claimed);
+        empty.get_or_create(&l).set(stats.empty_claims);
+        created.get_or_create(&l).set(stats.created);
+        recycled.get_or_create(&l).set(stats.recycled);
+        destroyed.get_or_create(&l).set(stats.destroyed);
+        errors.get_or_create(&l).set(stats.build_errors);
+    }
+    let (requests, request_errors) = claims.request_counts();
+    let gauge = |registry: &mut Registry, name: &str, help: &str, value: u64| {
+        let g = U64Gauge::default();
+        g.set(value);
+        registry.register(name, help, g);
+    };
+    gauge(
+        &mut registry,
+        "particle_agent_local_requests",
+        "Local API requests (cumulative)",
+        requests,
+    );
+    gauge(
+        &mut registry,
+        "particle_agent_local_errors",
+        "Local API requests answered with an error (cumulative)",
+        request_errors,
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+async fn metrics(State(claims): State<Arc<Claims>>) -> impl IntoResponse {
+    match render(&claims) {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Serves `/metrics` on `listener`.
+pub async fn serve(listener: tokio::net::TcpListener, claims: Arc<Claims>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(claims);
+    axum::serve(listener, app).await
+}
