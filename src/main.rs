@@ -1,6 +1,7 @@
 //! `particle`: the one command operators run.
 
 mod cluster;
+mod config;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -58,56 +59,81 @@ enum ClusterCommand {
     Down,
 }
 
-#[derive(clap::Args)]
+/// `particle controller` flags; each overrides the same key of `--config`.
+#[derive(clap::Args, serde::Serialize)]
 struct ControllerArgs {
-    /// Address to listen on (agents and users).
-    #[arg(long, default_value = "127.0.0.1:7700")]
-    listen: std::net::SocketAddr,
+    /// YAML file with any of the settings below (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<std::path::PathBuf>,
+    /// Address to listen on (agents and users) [default: 127.0.0.1:7700].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<std::net::SocketAddr>,
     /// File holding the bearer token every /v1 request must carry.
     #[arg(long)]
-    token_file: std::path::PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_file: Option<std::path::PathBuf>,
     /// The embedded store (tenants, blocks, nodes); omitted: memory only.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     state_file: Option<std::path::PathBuf>,
-    /// Seconds without a heartbeat after which a node is removed.
-    #[arg(long, default_value_t = 3.0)]
-    heartbeat_timeout: f64,
+    /// Seconds without a heartbeat after which a node is removed [default: 3].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_timeout: Option<f64>,
     /// Listen inside this network namespace (e.g. a local cluster's underlay).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     netns: Option<std::path::PathBuf>,
 }
 
-#[derive(clap::Args)]
+/// `particle agent` flags; each overrides the same key of `--config`.
+#[derive(clap::Args, serde::Serialize)]
 struct AgentArgs {
+    /// YAML file with any of the settings below (flags win).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<std::path::PathBuf>,
     /// This node's name at the controller.
     #[arg(long)]
-    node: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
     /// The controller's address (host:port).
     #[arg(long)]
-    controller: std::net::SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    controller: Option<std::net::SocketAddr>,
     /// File holding the controller's bearer token.
     #[arg(long)]
-    token_file: std::path::PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_file: Option<std::path::PathBuf>,
     /// The underlay interface (VXLAN traffic leaves through it).
     #[arg(long)]
-    underlay_iface: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    underlay_iface: Option<String>,
     /// This node's address on the underlay (its VTEP).
     #[arg(long)]
-    underlay_ip: std::net::Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    underlay_ip: Option<std::net::Ipv4Addr>,
     /// Run in this network namespace (a simulated host); default: where started.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     netns: Option<std::path::PathBuf>,
-    /// The local API's Unix socket.
-    #[arg(long, default_value = "/run/particle/agent.sock")]
-    socket: std::path::PathBuf,
-    /// Warm endpoints kept per tenant.
-    #[arg(long, default_value_t = 32)]
-    pool_size: usize,
-    /// Where `/metrics` listens; default: the underlay address, port 9101.
+    /// The local API's Unix socket [default: /run/particle/agent.sock].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<std::path::PathBuf>,
+    /// Warm endpoints kept per tenant [default: 32].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pool_size: Option<usize>,
+    /// Where `/metrics` listens [default: the underlay address, port 9101].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Name prefix of this agent's kernel objects (default: random).
+    /// Name prefix of this agent's kernel objects [default: random].
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     prefix: Option<String>,
 }
 
@@ -229,16 +255,17 @@ fn read_token(path: &std::path::Path) -> Result<String> {
 }
 
 fn controller(args: ControllerArgs) -> Result<()> {
-    enter_netns(args.netns.as_deref())?;
+    let settings: config::ControllerSettings = config::resolve(args.config.as_deref(), &args)?;
+    enter_netns(settings.netns.as_deref())?;
     anyhow::ensure!(
-        args.heartbeat_timeout.is_finite() && args.heartbeat_timeout > 0.0,
-        "--heartbeat-timeout must be a positive number of seconds"
+        settings.heartbeat_timeout.is_finite() && settings.heartbeat_timeout > 0.0,
+        "heartbeat_timeout must be a positive number of seconds"
     );
     let config = particle_controller::ControllerConfig {
-        listen: args.listen,
-        token: read_token(&args.token_file)?,
-        state_file: args.state_file,
-        heartbeat_timeout: std::time::Duration::from_secs_f64(args.heartbeat_timeout),
+        listen: settings.listen,
+        token: read_token(&settings.token_file)?,
+        state_file: settings.state_file,
+        heartbeat_timeout: std::time::Duration::from_secs_f64(settings.heartbeat_timeout),
         long_poll_max: particle_controller::DEFAULT_LONG_POLL_MAX,
     };
     let runtime = tokio::runtime::Runtime::new()?;
@@ -252,6 +279,7 @@ fn controller(args: ControllerArgs) -> Result<()> {
 
 fn agent(args: AgentArgs) -> Result<()> {
     use particle_net::{PoolConfig, Run, RunPrefix};
+    let args: config::AgentSettings = config::resolve(args.config.as_deref(), &args)?;
     enter_netns(args.netns.as_deref())?;
     particle_net::limits::raise_open_files()?;
     let token = read_token(&args.token_file)?;
