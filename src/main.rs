@@ -34,6 +34,14 @@ enum Command {
     /// The node agent: runs in its node's namespace, owns the node's tenant
     /// overlays and warm pools, follows the controller, serves the local API.
     Agent(AgentArgs),
+    /// Sends one request to a node agent's local API and prints the answer,
+    /// e.g. `particle local --socket S '{"op":"claim","tenant":"a"}'`.
+    Local {
+        #[arg(long, default_value = "/run/particle/agent.sock")]
+        socket: std::path::PathBuf,
+        /// The request: one JSON object.
+        request: String,
+    },
     /// Removes what crashed Particle runs left behind (mounted namespaces,
     /// links in this namespace); never touches live runs.
     Gc,
@@ -212,6 +220,19 @@ fn main() -> Result<()> {
             }
         }
         Command::Controller(args) => controller(args)?,
+        Command::Local { socket, request } => {
+            use std::io::{BufRead, Write};
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+                .with_context(|| format!("connecting to {}", socket.display()))?;
+            writeln!(stream, "{}", request.trim())?;
+            let mut answer = String::new();
+            std::io::BufReader::new(stream).read_line(&mut answer)?;
+            print!("{answer}");
+            anyhow::ensure!(
+                !answer.contains(r#""ok":false"#),
+                "the agent refused the request"
+            );
+        }
         Command::Agent(args) => agent(args)?,
         Command::Gc => {
             let mut socket = particle_net::NetlinkSocket::open().context("netlink socket")?;
