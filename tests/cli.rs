@@ -1,6 +1,8 @@
 //! The `particle` binary end to end: the endpoint benchmark's JSON and its
 //! promise that nothing is left behind.
 
+mod common;
+
 use std::process::Command;
 
 fn particle() -> Command {
@@ -9,10 +11,7 @@ fn particle() -> Command {
 
 #[test]
 fn bench_endpoints_reports_every_method_and_leaks_nothing() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces and needs root; run the suite as root (see README)"
-    );
+    common::require_root();
     let out = particle()
         .args(["bench", "endpoints", "--count", "12", "--json"])
         .output()

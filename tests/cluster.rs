@@ -3,6 +3,8 @@
 //! gets a block on every node, endpoints claimed from two agents reach each
 //! other over the overlay, and `down` leaves nothing behind.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -46,10 +48,7 @@ fn claim(socket: &str, tenant: &str) -> serde_json::Value {
 
 #[test]
 fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces and needs root; run the suite as root (see README)"
-    );
+    common::require_root();
     let mut up = particle()
         .args(["cluster", "up", "--nodes", "2", "--port", &PORT.to_string()])
         .args(["--underlay", "10.252.0.0/24", "--pool-size", "4"])

@@ -75,7 +75,6 @@ pub fn run(opts: &Options) -> Result<Report> {
     let scratch_name = prefix.label("scratch");
     node.netns.mount_as(&scratch_name)?;
     let bridge = node.bridge.name.to_string();
-    let gateway = node.block.gateway();
     let n = opts.count;
 
     // 1. One ip process per command.
@@ -105,12 +104,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     // 3. Particle's batched engine.
     let factory = node.factory(opts.workers)?;
     let workers = factory.workers();
-    let specs: Vec<_> = node
-        .block
-        .allocate_many(n)
-        .into_iter()
-        .map(|address| EndpointSpec { address, gateway })
-        .collect();
+    let specs = EndpointSpec::allocate(&mut node.block, n);
     tracing::info!("particle: {n} endpoints");
     let start = Instant::now();
     let built = factory.create_batch(&specs);

@@ -4,6 +4,8 @@
 //! and never the other; a node that stops heartbeating leaves the others'
 //! overlay state, and an agent started again rejoins.
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use particle_controller::api::{CreateTenant, Node, NodeOverlay, Tenant};
 use particle_controller::ControllerConfig;
 use particle_net::scratch::ScratchNode;
-use particle_net::{AddressBlock, Endpoint, NetNs, NetlinkSocket, PoolConfig, Run};
+use particle_net::{Endpoint, NetNs, NetlinkSocket, PoolConfig, Run};
 use particle_node_agent::controller_client::{ControllerClient, Dial};
 use particle_node_agent::daemon::{self, AgentConfig};
 use particle_node_agent::local_api::{ClaimedEndpoint, LocalResponse};
@@ -111,14 +113,7 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces and needs root; run the suite as root (see README)"
-    );
-    let _ = particle_net::limits::raise_open_files();
-    let run = Run::start().unwrap();
-    let mut fabric =
-        ScratchNode::new(run.prefix(), AddressBlock::parse("10.253.0.0/24").unwrap()).unwrap();
+    let (run, mut fabric) = common::fabric("10.253.0.0/24");
     let hosts = fabric.hosts(3).unwrap();
 
     // The controller listens on the fabric bridge's address, inside the fabric.

@@ -1,10 +1,12 @@
 //! A node applying the controller's overlay state, on two namespaced nodes.
 
+mod common;
+
 use std::time::Duration;
 
 use particle_controller::api::{NodeOverlay, RemoteNode, TenantOverlay};
 use particle_net::scratch::ScratchNode;
-use particle_net::{AddressBlock, Endpoint, NetlinkSocket, PoolConfig, Run};
+use particle_net::{Endpoint, NetlinkSocket, PoolConfig};
 use particle_node_agent::{NodeConfig, NodeState};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,14 +40,7 @@ fn links_in(host: &Endpoint) -> usize {
 
 #[test]
 fn nodes_apply_overlay_state_and_serve_warm_endpoints() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces and needs root; run the suite as root (see README)"
-    );
-    let _ = particle_net::limits::raise_open_files();
-    let run = Run::start().unwrap();
-    let mut fabric =
-        ScratchNode::new(run.prefix(), AddressBlock::parse("10.254.0.0/24").unwrap()).unwrap();
+    let (run, mut fabric) = common::fabric("10.254.0.0/24");
     let hosts = fabric.hosts(2).unwrap();
     let baseline_links = links_in(&hosts[0]);
 

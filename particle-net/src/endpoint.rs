@@ -60,6 +60,19 @@ pub struct EndpointSpec {
     pub gateway: Ipv4Addr,
 }
 
+impl EndpointSpec {
+    /// Specs for up to `n` endpoints with addresses from `block` (fewer if it
+    /// runs out), all routed via the block's gateway.
+    pub fn allocate(block: &mut crate::ipam::AddressBlock, n: usize) -> Vec<Self> {
+        let gateway = block.gateway();
+        block
+            .allocate_many(n)
+            .into_iter()
+            .map(|address| Self { address, gateway })
+            .collect()
+    }
+}
+
 /// A built endpoint. Dropping it destroys it (the kernel removes the namespace,
 /// its `eth0` and the host end of the pair).
 #[derive(Debug)]

@@ -56,13 +56,7 @@ impl ScratchNode {
     /// machine, many nodes" has them: each a namespace whose `eth0` is its
     /// underlay interface, with an address from this node's block.
     pub fn hosts(&mut self, n: usize) -> Result<Vec<Endpoint>, EndpointError> {
-        let gateway = self.block.gateway();
-        let specs: Vec<_> = self
-            .block
-            .allocate_many(n)
-            .into_iter()
-            .map(|address| EndpointSpec { address, gateway })
-            .collect();
+        let specs = EndpointSpec::allocate(&mut self.block, n);
         self.factory(1)?.create_batch(&specs).into_iter().collect()
     }
 

@@ -16,14 +16,7 @@ fn a_planted_name_clash_fails_one_endpoint_and_spares_the_rest() {
     let clash = EndpointFactory::host_ifname(factory.prefix(), 1).unwrap();
     Bridge::create(&mut t.node.socket, &clash, None).unwrap();
 
-    let gateway = t.node.block.gateway();
-    let specs: Vec<_> = t
-        .node
-        .block
-        .allocate_many(3)
-        .into_iter()
-        .map(|address| EndpointSpec { address, gateway })
-        .collect();
+    let specs = EndpointSpec::allocate(&mut t.node.block, 3);
     let results = factory.create_batch(&specs);
     assert!(results[0].is_ok());
     assert!(results[2].is_ok());

@@ -14,16 +14,7 @@ use particle_net::EndpointSpec;
 fn endpoints_are_built_attached_and_reach_each_other() {
     let mut t = scratch("10.200.0.0/24");
     let factory = t.node.factory(2).unwrap();
-    let specs: Vec<_> = t
-        .node
-        .block
-        .allocate_many(5)
-        .into_iter()
-        .map(|address| EndpointSpec {
-            address,
-            gateway: t.node.block.gateway(),
-        })
-        .collect();
+    let specs = EndpointSpec::allocate(&mut t.node.block, 5);
     let endpoints: Vec<_> = factory
         .create_batch(&specs)
         .into_iter()

@@ -345,20 +345,13 @@ fn refiller(shared: &Shared, factory: EndpointFactory) {
             if room == 0 {
                 break;
             }
-            let (addresses, gateway) = {
-                let mut block = lock(&shared.block);
-                (block.allocate_many(room), block.gateway())
-            };
-            if addresses.is_empty() {
+            let specs = EndpointSpec::allocate(&mut lock(&shared.block), room);
+            if specs.is_empty() {
                 shared.ready.fill(Vec::new(), room);
                 let block = lock(&shared.block).network();
                 shared.record_error(format!("address block {block} is exhausted"));
                 break;
             }
-            let specs: Vec<_> = addresses
-                .into_iter()
-                .map(|address| EndpointSpec { address, gateway })
-                .collect();
             shared
                 .counters
                 .building
