@@ -237,9 +237,19 @@ fn reserve_ids(prefix: &RunPrefix, n: usize) -> u64 {
 }
 
 struct Job {
-    items: Vec<(u64, EndpointSpec)>,
-    reply: Sender<(usize, Vec<BuildResult>)>,
+    items: Vec<(u64, Option<EndpointSpec>)>,
+    reply: Sender<(usize, Vec<Result<Built, EndpointError>>)>,
     slot: usize,
+}
+
+/// What a worker hands back: an endpoint with its address, or (for the
+/// tenant-free pool) one still without, with a socket kept inside for binding.
+struct Built {
+    id: u64,
+    netns: NetNs,
+    host_ifname: IfName,
+    spec: Option<EndpointSpec>,
+    socket: NetlinkSocket,
 }
 
 /// Builds endpoints in batches on dedicated worker threads.
@@ -299,6 +309,41 @@ impl EndpointFactory {
     /// in the order of `specs`. A failed endpoint leaves nothing behind and does
     /// not affect the others.
     pub fn create_batch(&self, specs: &[EndpointSpec]) -> Vec<BuildResult> {
+        self.run_jobs(specs.iter().copied().map(Some).collect())
+            .into_iter()
+            .map(|r| {
+                r.and_then(|b| {
+                    let spec = b.spec.ok_or_else(|| {
+                        EndpointError::WorkerGone("built without its address".into())
+                    })?;
+                    Ok(Endpoint {
+                        id: b.id,
+                        netns: b.netns,
+                        host_ifname: b.host_ifname,
+                        spec,
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Builds `n` endpoints without an address, their host ends unattached in
+    /// the factory's namespace: a tenant-free pool, bound on claim.
+    pub fn create_unbound(&self, n: usize) -> Vec<Result<UnboundEndpoint, EndpointError>> {
+        self.run_jobs(vec![None; n])
+            .into_iter()
+            .map(|r| {
+                r.map(|b| UnboundEndpoint {
+                    id: b.id,
+                    netns: b.netns,
+                    host_ifname: b.host_ifname,
+                    socket: b.socket,
+                })
+            })
+            .collect()
+    }
+
+    fn run_jobs(&self, specs: Vec<Option<EndpointSpec>>) -> Vec<Result<Built, EndpointError>> {
         let (reply_tx, reply_rx) = mpsc::channel();
         let share = specs.len().div_ceil(self.workers.len().max(1)).max(1);
         let mut next_id = reserve_ids(&self.prefix, specs.len());
@@ -323,7 +368,8 @@ impl EndpointFactory {
             sent += 1;
         }
         drop(reply_tx);
-        let mut parts: Vec<Option<Vec<BuildResult>>> = (0..sent).map(|_| None).collect();
+        let mut parts: Vec<Option<Vec<Result<Built, EndpointError>>>> =
+            (0..sent).map(|_| None).collect();
         for (slot, results) in reply_rx.iter() {
             parts[slot] = Some(results);
         }
@@ -338,6 +384,59 @@ impl EndpointFactory {
     }
 }
 
+/// An endpoint of the tenant-free pool: namespace, `lo` and `eth0` up, the
+/// host end unattached in the node's namespace, no address yet. Dropping it
+/// destroys it.
+#[derive(Debug)]
+pub struct UnboundEndpoint {
+    id: u64,
+    netns: NetNs,
+    host_ifname: IfName,
+    /// A socket inside, so binding needs no thread to enter the namespace.
+    socket: NetlinkSocket,
+}
+
+impl UnboundEndpoint {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn host_ifname(&self) -> &IfName {
+        &self.host_ifname
+    }
+
+    /// Binds the endpoint to a tenant: moves its host end from the namespace
+    /// `home` is a socket in into `target` (the tenant's router), attaches it
+    /// to `bridge` there and up through `target_socket`, and gives the inside
+    /// its address and route. Three round trips. On failure the endpoint is
+    /// destroyed with everything it had.
+    pub fn bind(
+        mut self,
+        home: &mut NetlinkSocket,
+        target: &NetNs,
+        target_socket: &mut NetlinkSocket,
+        bridge: u32,
+        spec: EndpointSpec,
+    ) -> Result<Endpoint, EndpointError> {
+        let name = &self.host_ifname;
+        home.execute_all(&[Request::change(
+            format!("move {name} to the tenant"),
+            messages::move_to_netns(name, std::os::fd::AsRawFd::as_raw_fd(target)),
+        )])?;
+        target_socket.execute_all(&[Request::change(
+            format!("attach {name} to the tenant bridge"),
+            messages::attach_up(name, bridge),
+        )])?;
+        self.socket.execute_all(&address_requests(&spec))?;
+        Ok(Endpoint {
+            id: self.id,
+            netns: self.netns,
+            host_ifname: self.host_ifname,
+            spec,
+        })
+    }
+}
+
 impl Drop for EndpointFactory {
     fn drop(&mut self) {
         for (tx, handle) in self.workers.drain(..) {
@@ -347,7 +446,7 @@ impl Drop for EndpointFactory {
     }
 }
 
-fn gone(n: usize, why: &str) -> Vec<BuildResult> {
+fn gone<T>(n: usize, why: &str) -> Vec<Result<T, EndpointError>> {
     (0..n)
         .map(|_| Err(EndpointError::WorkerGone(why.to_string())))
         .collect()
@@ -382,7 +481,7 @@ fn worker_main(home: NetNs, bridge: Option<u32>, prefix: RunPrefix, jobs: Receiv
 /// A half-built endpoint: its namespace and a socket inside it.
 struct Staged {
     id: u64,
-    spec: EndpointSpec,
+    spec: Option<EndpointSpec>,
     host_ifname: IfName,
     netns: NetNs,
     socket: NetlinkSocket,
@@ -395,9 +494,9 @@ fn build(
     host: &mut NetlinkSocket,
     bridge: Option<u32>,
     prefix: &RunPrefix,
-    items: Vec<(u64, EndpointSpec)>,
-) -> (Vec<BuildResult>, bool) {
-    let mut results: Vec<Option<BuildResult>> = Vec::with_capacity(items.len());
+    items: Vec<(u64, Option<EndpointSpec>)>,
+) -> (Vec<Result<Built, EndpointError>>, bool) {
+    let mut results: Vec<Option<Result<Built, EndpointError>>> = Vec::with_capacity(items.len());
     let mut staged: Vec<(usize, Staged)> = Vec::with_capacity(items.len());
     let mut home_lost = false;
     let started = std::time::Instant::now();
@@ -444,10 +543,13 @@ fn build(
         .iter()
         .map(|(_, s)| {
             Request::create(
-                format!(
-                    "create veth {} for endpoint {}",
-                    s.host_ifname, s.spec.address
-                ),
+                match s.spec {
+                    Some(spec) => format!(
+                        "create veth {} for endpoint {}",
+                        s.host_ifname, spec.address
+                    ),
+                    None => format!("create veth {} for a tenant-free endpoint", s.host_ifname),
+                },
                 messages::veth_pair(
                     &s.host_ifname,
                     bridge,
@@ -480,11 +582,12 @@ fn build(
         let configured = outcome
             .map_err(EndpointError::from)
             .and_then(|()| configure_inside(&mut s).map_err(EndpointError::from));
-        results[i] = Some(configured.map(|()| Endpoint {
+        results[i] = Some(configured.map(|()| Built {
             id: s.id,
             netns: s.netns,
             host_ifname: s.host_ifname,
             spec: s.spec,
+            socket: s.socket,
         }));
         // On error `s.netns` drops here: the kernel removes what was built.
     }
@@ -503,17 +606,27 @@ fn build(
 }
 
 fn configure_inside(s: &mut Staged) -> Result<(), NetlinkError> {
-    let addr = s.spec.address;
-    s.socket.execute_all(&[
+    let mut requests = vec![
         Request::change("set lo up", messages::set_up(messages::LOOPBACK_INDEX)),
         Request::change("set eth0 up", messages::set_up(ENDPOINT_IFINDEX)),
+    ];
+    if let Some(spec) = &s.spec {
+        requests.extend(address_requests(spec));
+    }
+    s.socket.execute_all(&requests)
+}
+
+/// The inside's address and default route.
+fn address_requests(spec: &EndpointSpec) -> [Request; 2] {
+    let addr = spec.address;
+    [
         Request::create(
             format!("add {addr} to eth0"),
             messages::add_ipv4_address(ENDPOINT_IFINDEX, addr.ip(), addr.prefix()),
         ),
         Request::create(
-            format!("add default route via {}", s.spec.gateway),
-            messages::default_route(s.spec.gateway, ENDPOINT_IFINDEX),
+            format!("add default route via {}", spec.gateway),
+            messages::default_route(spec.gateway, ENDPOINT_IFINDEX),
         ),
-    ])
+    ]
 }

@@ -23,7 +23,7 @@ pub mod overlay;
 pub mod pool;
 pub mod scratch;
 
-pub use endpoint::{Endpoint, EndpointError, EndpointFactory, EndpointSpec};
+pub use endpoint::{Endpoint, EndpointError, EndpointFactory, EndpointSpec, UnboundEndpoint};
 pub use ipam::{AddressBlock, IpamError, TenantSubnet};
 pub use names::{IfName, NameError, Run, RunPrefix};
 pub use netlink::{NetlinkError, NetlinkSocket, Request, RequestError};

@@ -23,7 +23,7 @@ use ipnetwork::Ipv4Network;
 use netlink_packet_route::AddressFamily;
 
 use crate::bridge::{delete_link, Bridge};
-use crate::endpoint::{EndpointFactory, FactoryConfig};
+use crate::endpoint::{Endpoint, EndpointFactory, EndpointSpec, FactoryConfig, UnboundEndpoint};
 use crate::ipam::AddressBlock;
 use crate::names::{IfName, NameError, RunPrefix};
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request};
@@ -178,6 +178,16 @@ impl TenantNetwork {
         &self.vxlan
     }
 
+    /// What binding a tenant-free endpoint to this tenant needs: the router
+    /// namespace, a socket of its own in it, and the bridge.
+    pub fn binder(&self) -> Result<TenantBinder, OverlayError> {
+        Ok(TenantBinder {
+            netns: self.netns.try_clone()?,
+            socket: NetlinkSocket::open_in(&self.netns)?,
+            bridge: self.bridge.index,
+        })
+    }
+
     /// A factory that builds this tenant's endpoints on this node.
     pub fn factory(
         &self,
@@ -286,6 +296,27 @@ impl TenantNetwork {
             neighbours,
             fdb,
         })
+    }
+}
+
+/// Binds tenant-free endpoints to one tenant on one node.
+#[derive(Debug)]
+pub struct TenantBinder {
+    netns: NetNs,
+    socket: NetlinkSocket,
+    bridge: u32,
+}
+
+impl TenantBinder {
+    /// See [`UnboundEndpoint::bind`]; `home` is a socket in the namespace
+    /// the endpoint was built in (the node's).
+    pub fn bind(
+        &mut self,
+        home: &mut NetlinkSocket,
+        endpoint: UnboundEndpoint,
+        spec: EndpointSpec,
+    ) -> Result<Endpoint, OverlayError> {
+        Ok(endpoint.bind(home, &self.netns, &mut self.socket, self.bridge, spec)?)
     }
 }
 

@@ -200,6 +200,18 @@ pub fn set_up(index: u32) -> RouteNetlinkMessage {
     RouteNetlinkMessage::SetLink(msg)
 }
 
+/// Attaches a link (by name) to a bridge and sets it up.
+pub fn attach_up(name: &IfName, master: u32) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg.attributes = vec![
+        LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::Controller(master),
+    ];
+    RouteNetlinkMessage::SetLink(msg)
+}
+
 /// Deletes a link by name.
 pub fn delete_link(name: &str) -> RouteNetlinkMessage {
     let mut msg = LinkMessage::default();

@@ -216,6 +216,30 @@ impl EndpointPool {
         }
     }
 
+    /// An address of this pool's block, for an endpoint built elsewhere (a
+    /// tenant-free endpoint about to be bound); `None` if the block is full.
+    /// Hand it back with [`Self::release_spec`] if the endpoint is not adopted.
+    pub fn allocate_spec(&self) -> Option<EndpointSpec> {
+        EndpointSpec::allocate(&mut lock(&self.shared.block), 1).pop()
+    }
+
+    pub fn release_spec(&self, spec: EndpointSpec) {
+        if let Err(e) = lock(&self.shared.block).release(spec.address.ip()) {
+            tracing::warn!("releasing an unused address: {e}");
+        }
+    }
+
+    /// Takes an endpoint bound to an address from [`Self::allocate_spec`] into
+    /// the pool's care as a claimed endpoint: releasing it goes through the
+    /// recycler like any other, so it may stay as a warm endpoint of this pool.
+    pub fn adopt(&self, endpoint: Endpoint) -> PooledEndpoint {
+        self.shared.counters.claimed.fetch_add(1, Ordering::Relaxed);
+        PooledEndpoint {
+            endpoint: Some(endpoint),
+            pool: self.shared.clone(),
+        }
+    }
+
     /// Ready endpoints right now.
     pub fn level(&self) -> usize {
         self.shared.ready.len()
