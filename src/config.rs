@@ -37,6 +37,8 @@ pub struct AgentSettings {
     pub socket: PathBuf,
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    #[serde(default = "default_free_pool_size")]
+    pub free_pool_size: usize,
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
@@ -57,6 +59,10 @@ fn default_agent_socket() -> PathBuf {
 
 fn default_pool_size() -> usize {
     32
+}
+
+fn default_free_pool_size() -> usize {
+    16
 }
 
 /// The file's settings with the flags' on top, checked as a whole.

@@ -135,6 +135,10 @@ struct AgentArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pool_size: Option<usize>,
+    /// Tenant-free endpoints kept warm, bound to a tenant that runs dry; 0: none [default: 16].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    free_pool_size: Option<usize>,
     /// Where `/metrics` listens [default: the underlay address, port 9101].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -323,6 +327,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             },
             pool: PoolConfig::warm(args.pool_size.max(1)),
             workers: 0,
+            free_pool: (args.free_pool_size > 0).then(|| PoolConfig::warm(args.free_pool_size)),
         },
         socket_path: args.socket.clone(),
         heartbeat_every: std::time::Duration::from_secs(1),
@@ -340,7 +345,8 @@ fn agent(args: AgentArgs) -> Result<()> {
         let listeners = particle_node_agent::daemon::Listeners {
             metrics: Some(metrics),
         };
-        particle_node_agent::daemon::run(config, socket, client, listeners).await?;
+        let node = particle_net::NetNs::current()?;
+        particle_node_agent::daemon::run(config, node, client, listeners).await?;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use particle_controller::api::{Heartbeat, NodeOverlay, RegisterNode};
-use particle_net::NetlinkSocket;
+use particle_net::NetNs;
 
 use crate::controller_client::{ClientError, ControllerClient};
 use crate::local_api::{self, Claims};
@@ -29,16 +29,17 @@ pub struct Listeners {
 }
 
 /// Runs the agent until the controller client fails for good or the local API
-/// listener dies. `node_socket` is a netlink socket in the node's namespace.
+/// listener dies. `node` is the node's namespace.
 pub async fn run(
     config: AgentConfig,
-    node_socket: NetlinkSocket,
+    node: NetNs,
     client: ControllerClient,
     listeners: Listeners,
 ) -> std::io::Result<()> {
-    let claims = Arc::new(Claims::default());
+    let state = NodeState::new(config.node.clone(), &node).map_err(std::io::Error::other)?;
+    let claims = Arc::new(Claims::new(state.free_pool()));
     let listener = local_api::bind(&config.socket_path)?;
-    let state = Arc::new(Mutex::new(NodeState::new(config.node.clone(), node_socket)));
+    let state = Arc::new(Mutex::new(state));
     let register = RegisterNode {
         node: config.node_name.clone(),
         underlay_ip: config.node.underlay.address,
@@ -137,7 +138,7 @@ async fn follow(
                     for e in state.apply(&applied) {
                         tracing::warn!("applying overlay v{}: {e}", applied.version);
                     }
-                    state.pools()
+                    state.claims()
                 })
                 .await;
                 match pools {

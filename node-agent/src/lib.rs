@@ -5,6 +5,7 @@
 
 pub mod controller_client;
 pub mod daemon;
+pub mod free_pool;
 pub mod local_api;
 pub mod metrics;
 pub mod node_state;

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use particle_controller::api::PoolLevel;
-use particle_net::{EndpointPool, PoolStats, PooledEndpoint};
+use particle_net::{PoolStats, PooledEndpoint};
+
+use crate::free_pool::{FreePool, TenantClaim};
+use crate::node_state::claim_from;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -73,14 +76,27 @@ impl LocalResponse {
 /// every overlay change, and the endpoints claimed through this API.
 #[derive(Default)]
 pub struct Claims {
-    pools: RwLock<BTreeMap<String, Arc<EndpointPool>>>,
+    pools: RwLock<BTreeMap<String, TenantClaim>>,
+    free: Option<Arc<FreePool>>,
     claimed: Mutex<HashMap<u64, PooledEndpoint>>,
     requests: AtomicU64,
     errors: AtomicU64,
 }
 
 impl Claims {
-    pub fn set_pools(&self, pools: BTreeMap<String, Arc<EndpointPool>>) {
+    pub fn new(free: Option<Arc<FreePool>>) -> Self {
+        Self {
+            free,
+            ..Self::default()
+        }
+    }
+
+    /// The tenant-free pool's level and how many it bound, if there is one.
+    pub fn free_stats(&self) -> Option<(usize, u64)> {
+        self.free.as_ref().map(|f| (f.level(), f.bound()))
+    }
+
+    pub fn set_pools(&self, pools: BTreeMap<String, TenantClaim>) {
         *self.pools.write().unwrap_or_else(PoisonError::into_inner) = pools;
     }
 
@@ -90,7 +106,7 @@ impl Claims {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|(name, pool)| (name.clone(), pool.stats()))
+            .map(|(name, claim)| (name.clone(), claim.pool.stats()))
             .collect()
     }
 
@@ -114,18 +130,18 @@ impl Claims {
     fn answer(&self, request: LocalRequest) -> LocalResponse {
         match request {
             LocalRequest::Claim { tenant } => {
-                let pool = self
+                let claim = self
                     .pools
                     .read()
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&tenant)
                     .cloned();
-                let Some(pool) = pool else {
+                let Some(claim) = claim else {
                     return LocalResponse::error(format!(
                         "tenant {tenant:?} has no network on this node"
                     ));
                 };
-                match pool.claim() {
+                match claim_from(&claim, self.free.as_deref()) {
                     Ok(ep) => {
                         let endpoint = ClaimedEndpoint {
                             id: ep.id(),
@@ -144,7 +160,7 @@ impl Claims {
                             .insert(ep.id(), ep);
                         LocalResponse::Claimed { ok: true, endpoint }
                     }
-                    Err(e) => LocalResponse::error(e.to_string()),
+                    Err(e) => LocalResponse::error(e),
                 }
             }
             LocalRequest::Release { id } => {

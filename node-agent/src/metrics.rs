@@ -83,6 +83,22 @@ pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
         destroyed.get_or_create(&l).set(stats.destroyed);
         errors.get_or_create(&l).set(stats.build_errors);
     }
+    if let Some((level, bound)) = claims.free_stats() {
+        let g = U64Gauge::default();
+        g.set(level as u64);
+        registry.register(
+            "particle_agent_free_pool_ready",
+            "Tenant-free endpoints ready",
+            g,
+        );
+        let g = U64Gauge::default();
+        g.set(bound);
+        registry.register(
+            "particle_agent_free_pool_bound",
+            "Tenant-free endpoints bound to a tenant that ran dry (cumulative)",
+            g,
+        );
+    }
     let (requests, request_errors) = claims.request_counts();
     let gauge = |registry: &mut Registry, name: &str, help: &str, value: u64| {
         let g = U64Gauge::default();

@@ -8,16 +8,19 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ipnetwork::Ipv4Network;
 use particle_controller::api::{NodeOverlay, PoolLevel, TenantOverlay};
+use particle_net::endpoint::FactoryConfig;
 use particle_net::ipam::parse_network;
-use particle_net::overlay::{OverlayError, RemoteBlock, TenantNetwork, Underlay};
+use particle_net::overlay::{OverlayError, RemoteBlock, TenantBinder, TenantNetwork, Underlay};
 use particle_net::{
-    AddressBlock, EndpointPool, IpamError, NetlinkError, NetlinkSocket, PoolConfig, PoolError,
-    PooledEndpoint, RunPrefix,
+    AddressBlock, EndpointFactory, EndpointPool, IpamError, NetNs, NetlinkError, NetlinkSocket,
+    PoolConfig, PoolError, PooledEndpoint, RunPrefix,
 };
+
+use crate::free_pool::{FreePool, TenantClaim};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -41,8 +44,23 @@ pub enum AgentError {
         #[source]
         source: PoolError,
     },
+    #[error("tenant {tenant}: {reason}")]
+    Claim { tenant: String, reason: String },
+    #[error("the tenant-free pool: {0}")]
+    FreePool(String),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+}
+
+/// Claims from the tenant's warm pool, falling back to the tenant-free pool.
+pub fn claim_from(claim: &TenantClaim, free: Option<&FreePool>) -> Result<PooledEndpoint, String> {
+    match claim.pool.claim() {
+        Ok(ep) => Ok(ep),
+        Err(PoolError::Empty { .. }) if free.is_some() => free
+            .map(|f| f.claim_for(claim).map_err(|e| e.to_string()))
+            .unwrap_or_else(|| Err("no tenant-free pool".into())),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// How this node builds its overlays and pools.
@@ -54,6 +72,9 @@ pub struct NodeConfig {
     pub pool: PoolConfig,
     /// Endpoint-building threads per tenant (0: one per core).
     pub workers: usize,
+    /// The tenant-free pool, bound to a tenant whose own pool runs dry;
+    /// `None`: no such pool.
+    pub free_pool: Option<PoolConfig>,
 }
 
 /// One tenant on this node.
@@ -63,6 +84,7 @@ struct TenantSlot {
     // Declared before `network` so the pool (and its endpoints) go first.
     // Shared with the claim path, which must not wait for `apply`.
     pool: Arc<EndpointPool>,
+    binder: Arc<Mutex<TenantBinder>>,
     network: TenantNetwork,
 }
 
@@ -70,19 +92,39 @@ struct TenantSlot {
 pub struct NodeState {
     config: NodeConfig,
     node: NetlinkSocket,
+    free: Option<Arc<FreePool>>,
     tenants: BTreeMap<String, TenantSlot>,
     version: u64,
 }
 
 impl NodeState {
-    /// `node` is a netlink socket in the node's namespace (where the underlay is).
-    pub fn new(config: NodeConfig, node: NetlinkSocket) -> Self {
-        Self {
+    /// `node` is the node's namespace (where the underlay is).
+    pub fn new(config: NodeConfig, node: &NetNs) -> Result<Self, AgentError> {
+        let socket = NetlinkSocket::open_in(node)?;
+        let free = match config.free_pool {
+            Some(pool) => {
+                let factory = EndpointFactory::new(FactoryConfig {
+                    home: node.try_clone().map_err(NetlinkError::from)?,
+                    bridge_index: None,
+                    prefix: config.prefix.clone(),
+                    workers: config.workers,
+                })
+                .map_err(|e| AgentError::FreePool(e.to_string()))?;
+                Some(Arc::new(FreePool::start(
+                    factory,
+                    NetlinkSocket::open_in(node)?,
+                    pool,
+                )))
+            }
+            None => None,
+        };
+        Ok(Self {
             config,
-            node,
+            node: socket,
+            free,
             tenants: BTreeMap::new(),
             version: 0,
-        }
+        })
     }
 
     /// The version of the last overlay state applied.
@@ -186,25 +228,33 @@ impl NodeState {
                 source,
             }
         })?;
+        let binder = network.binder().map_err(overlay_err)?;
         tracing::info!(tenant = name, vni = tenant.vni, %block, "tenant network up");
         Ok(TenantSlot {
             vni: tenant.vni,
             block,
             pool: Arc::new(pool),
+            binder: Arc::new(Mutex::new(binder)),
             network,
         })
     }
 
-    /// Claims a warm endpoint of `tenant`: no netlink, microseconds.
+    /// Claims an endpoint of `tenant`: a warm one (no netlink, microseconds),
+    /// else a tenant-free one bound to it.
     pub fn claim(&self, tenant: &str) -> Result<PooledEndpoint, AgentError> {
-        let slot = self
-            .tenants
-            .get(tenant)
+        let claim = self
+            .claims()
+            .remove(tenant)
             .ok_or_else(|| AgentError::UnknownTenant(tenant.to_string()))?;
-        slot.pool.claim().map_err(|source| AgentError::Pool {
+        claim_from(&claim, self.free.as_deref()).map_err(|e| AgentError::Claim {
             tenant: tenant.to_string(),
-            source,
+            reason: e,
         })
+    }
+
+    /// The tenant-free pool, if the node has one.
+    pub fn free_pool(&self) -> Option<Arc<FreePool>> {
+        self.free.clone()
     }
 
     /// The tenant's pool, e.g. to wait for it to warm up.
@@ -212,11 +262,18 @@ impl NodeState {
         self.tenants.get(tenant).map(|s| s.pool.as_ref())
     }
 
-    /// Every tenant's pool, for a claim path that does not go through `self`.
-    pub fn pools(&self) -> BTreeMap<String, Arc<EndpointPool>> {
+    /// Every tenant's pool and binder, for a claim path that does not go
+    /// through `self` (and so never waits for `apply`).
+    pub fn claims(&self) -> BTreeMap<String, TenantClaim> {
         self.tenants
             .iter()
-            .map(|(name, slot)| (name.clone(), slot.pool.clone()))
+            .map(|(name, slot)| {
+                let claim = TenantClaim {
+                    pool: slot.pool.clone(),
+                    binder: slot.binder.clone(),
+                };
+                (name.clone(), claim)
+            })
             .collect()
     }
 

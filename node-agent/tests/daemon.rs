@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use particle_controller::api::{CreateTenant, Node, NodeOverlay, Tenant};
 use particle_controller::ControllerConfig;
 use particle_net::scratch::ScratchNode;
-use particle_net::{Endpoint, NetNs, NetlinkSocket, PoolConfig, Run};
+use particle_net::{Endpoint, NetNs, PoolConfig, Run};
 use particle_node_agent::controller_client::{ControllerClient, Dial};
 use particle_node_agent::daemon::{self, AgentConfig};
 use particle_node_agent::local_api::{ClaimedEndpoint, LocalResponse};
@@ -88,11 +88,11 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
                 batch_size: 4,
             },
             workers: 1,
+            free_pool: None,
         },
         socket_path: socket.clone(),
         heartbeat_every: Duration::from_millis(100),
     };
-    let node_socket = NetlinkSocket::open_in(host.netns()).unwrap();
     let client = ControllerClient::new(controller, TOKEN.into(), dial_from(host.netns()));
     let metrics_addr = SocketAddr::new(IpAddr::V4(host.address().ip()), 9101);
     let metrics = host
@@ -105,7 +105,12 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
         metrics: Some(tokio::net::TcpListener::from_std(metrics).unwrap()),
     };
     Agent {
-        task: tokio::spawn(daemon::run(config, node_socket, client, listeners)),
+        task: tokio::spawn(daemon::run(
+            config,
+            host.netns().try_clone().unwrap(),
+            client,
+            listeners,
+        )),
         socket,
         metrics: metrics_addr,
     }

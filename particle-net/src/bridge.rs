@@ -23,7 +23,7 @@ impl Bridge {
     ) -> Result<Self, NetlinkError> {
         socket.execute_all(&[Request::create(
             format!("create bridge {name}"),
-            messages::bridge(name),
+            messages::bridge(name, random_mac()?),
         )])?;
         let built = Self::lookup(socket, name).and_then(|bridge| {
             if let Some(gw) = gateway {
@@ -58,6 +58,15 @@ impl Bridge {
     pub fn delete(self, socket: &mut NetlinkSocket) -> Result<(), NetlinkError> {
         delete_link(socket, self.name.as_str())
     }
+}
+
+/// A random, locally administered, unicast MAC.
+fn random_mac() -> Result<[u8; 6], NetlinkError> {
+    let mut mac = [0u8; 6];
+    getrandom::fill(&mut mac)
+        .map_err(|e| NetlinkError::Io(std::io::Error::other(e.to_string())))?;
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Ok(mac)
 }
 
 pub(crate) fn delete_link(socket: &mut NetlinkSocket, name: &str) -> Result<(), NetlinkError> {

@@ -10,11 +10,26 @@ use common::{eventually, scratch};
 use particle_net::endpoint::{ENDPOINT_IFINDEX, ENDPOINT_IFNAME};
 use particle_net::EndpointSpec;
 
+fn bridge_mac(node: &particle_net::scratch::ScratchNode) -> String {
+    let out = node
+        .netns
+        .command("ip")
+        .args(["-br", "link", "show", node.bridge.name.as_str()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string()
+}
+
 #[test]
 fn endpoints_are_built_attached_and_reach_each_other() {
     let mut t = scratch("10.200.0.0/24");
     let factory = t.node.factory(2).unwrap();
     let specs = EndpointSpec::allocate(&mut t.node.block, 5);
+    let mac_before = bridge_mac(&t.node);
     let endpoints: Vec<_> = factory
         .create_batch(&specs)
         .into_iter()
@@ -100,4 +115,7 @@ fn endpoints_are_built_attached_and_reach_each_other() {
     eventually("host ends removed", Duration::from_secs(5), || {
         t.node.extra_links().unwrap().is_empty()
     });
+    // The gateway's MAC does not follow its ports: endpoints' ARP entries for
+    // it stay right while other endpoints come and go.
+    assert_eq!(bridge_mac(&t.node), mac_before);
 }

@@ -56,14 +56,17 @@ pub fn veth_pair(
     RouteNetlinkMessage::NewLink(msg)
 }
 
-/// A bridge, up. Learning-free forwarding is the overlay's business; a plain
-/// bridge is what the endpoints of one node and tenant share.
-pub fn bridge(name: &IfName) -> RouteNetlinkMessage {
+/// A bridge, up, with a fixed MAC. Without one the kernel gives the bridge
+/// the lowest MAC of its ports and changes it as ports come and go, and every
+/// endpoint's ARP entry for its gateway goes stale when an endpoint is
+/// destroyed: under churn the gateway becomes unreachable for the ARP timeout.
+pub fn bridge(name: &IfName, mac: [u8; 6]) -> RouteNetlinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.flags = LinkFlags::Up;
     msg.header.change_mask = LinkFlags::Up;
     msg.attributes = vec![
         LinkAttribute::IfName(name.to_string()),
+        LinkAttribute::Address(mac.to_vec()),
         LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
     ];
     RouteNetlinkMessage::NewLink(msg)
