@@ -36,19 +36,56 @@ pub struct UpOptions {
     pub pool_size: usize,
 }
 
-/// Kills and reaps a child when dropped.
-struct ChildGuard(Child);
+/// A cluster process: how to start it, and the running child, killed and
+/// reaped when dropped. A child that dies is started again (as systemd or a
+/// DaemonSet would): a restarted agent rebuilds its node from the controller,
+/// a restarted controller reloads its store.
+struct ChildGuard {
+    child: Child,
+    netns: NetNs,
+    args: Vec<String>,
+    log: PathBuf,
+    restarts: u32,
+}
+
+impl ChildGuard {
+    fn restart_if_dead(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            self.restarts += 1;
+            eprintln!(
+                "{} exited ({status}); starting it again (restart {})",
+                self.args.first().map(String::as_str).unwrap_or("?"),
+                self.restarts
+            );
+            self.child = spawn_child(&self.netns, &self.args, &self.log)?;
+        }
+        Ok(())
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 fn spawn_in(ns: &NetNs, args: &[String], log: &Path) -> Result<ChildGuard> {
+    Ok(ChildGuard {
+        child: spawn_child(ns, args, log)?,
+        netns: ns.try_clone()?,
+        args: args.to_vec(),
+        log: log.to_owned(),
+        restarts: 0,
+    })
+}
+
+fn spawn_child(ns: &NetNs, args: &[String], log: &Path) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the particle binary")?;
-    let log_file = std::fs::File::create(log)?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let mut cmd = ns.command(exe);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -63,9 +100,7 @@ fn spawn_in(ns: &NetNs, args: &[String], log: &Path) -> Result<ChildGuard> {
             Ok(())
         });
     }
-    Ok(ChildGuard(
-        cmd.spawn().with_context(|| format!("starting {args:?}"))?,
-    ))
+    cmd.spawn().with_context(|| format!("starting {args:?}"))
 }
 
 pub fn up(opts: &UpOptions) -> Result<()> {
@@ -206,7 +241,7 @@ async fn wait_for_nodes(
     }
 }
 
-/// Returns on SIGINT/SIGTERM, or with an error when a child exits.
+/// Returns on SIGINT/SIGTERM; restarts children that die meanwhile.
 async fn wait_for_stop(children: &mut [ChildGuard]) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -217,9 +252,7 @@ async fn wait_for_stop(children: &mut [ChildGuard]) -> Result<()> {
             _ = term.recv() => return Ok(()),
             _ = check.tick() => {
                 for c in children.iter_mut() {
-                    if let Some(status) = c.0.try_wait()? {
-                        bail!("a cluster process exited ({status}); see its log");
-                    }
+                    c.restart_if_dead()?;
                 }
             }
         }

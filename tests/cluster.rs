@@ -30,18 +30,74 @@ fn http(method: &str, path: &str, token: &str, body: &str) -> String {
     out
 }
 
+/// Claims through an agent's socket, waiting while the agent (re)starts.
 fn claim(socket: &str, tenant: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut s = UnixStream::connect(socket).unwrap();
-        writeln!(s, r#"{{"op":"claim","tenant":"{tenant}"}}"#).unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["ok"] == true {
-            return v["endpoint"].clone();
+        let answer = UnixStream::connect(socket).ok().and_then(|mut s| {
+            writeln!(s, r#"{{"op":"claim","tenant":"{tenant}"}}"#).ok()?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).ok()?;
+            serde_json::from_str::<serde_json::Value>(&line).ok()
+        });
+        if let Some(v) = &answer {
+            if v["ok"] == true {
+                return v["endpoint"].clone();
+            }
         }
-        assert!(Instant::now() < deadline, "{v}");
+        assert!(Instant::now() < deadline, "{answer:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pid of the cluster process running `particle SUBCOMMAND` with an
+/// argument that mentions `needle`.
+fn pid_of(needle: &str, subcommand: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours =
+            args.get(1).is_some_and(|a| a == subcommand) && args.iter().any(|a| a.contains(needle));
+        ours.then_some(pid)
+    })
+}
+
+fn pings(from: &serde_json::Value, to: &serde_json::Value) -> bool {
+    let target = to["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let ns = particle_net::NetNs::open(from["netns"].as_str().unwrap()).unwrap();
+    (0..3).any(|_| {
+        ns.command("ping")
+            .args(["-c", "1", "-W", "1", &target])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    })
+}
+
+/// Links in the namespace of a process.
+fn links_of(pid: i32) -> usize {
+    let ns = particle_net::NetNs::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let mut socket = particle_net::NetlinkSocket::open_in(&ns).unwrap();
+    particle_net::endpoint::list_links(&mut socket)
+        .unwrap()
+        .len()
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -95,21 +151,44 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
 
     let e0 = claim(&sockets[0], "t");
     let e1 = claim(&sockets[1], "t");
-    let target = e1["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let ns = particle_net::NetNs::open(e0["netns"].as_str().unwrap()).unwrap();
-    let ping = ns
-        .command("ping")
-        .args(["-c", "1", "-W", "2", &target])
-        .output()
-        .unwrap();
-    assert!(ping.status.success(), "{ping:?}");
-    drop(ns);
+    assert!(pings(&e0, &e1));
+
+    // An agent killed outright is started again; it rebuilds its node from the
+    // controller, and the node holds what it held before, no more.
+    let agent = pid_of(&sockets[0], "agent").expect("agent n0 runs");
+    let mut links_before = 0;
+    eventually("n0's tenant-free pool is full", || {
+        let now = links_of(agent);
+        let settled = now == links_before;
+        links_before = now;
+        settled && now > 2
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::SIGKILL).unwrap();
+    let mut restarted = None;
+    eventually("agent n0 restarted", || {
+        restarted = pid_of(&sockets[0], "agent").filter(|p| *p != agent);
+        restarted.is_some()
+    });
+    let e0 = claim(&sockets[0], "t");
+    assert!(pings(&e0, &e1), "the restarted node reaches across");
+    let restarted = restarted.unwrap();
+    eventually("n0 holds what it held before", || {
+        links_of(restarted) == links_before
+    });
+
+    // The controller killed outright comes back with its state.
+    let logs = field("logs");
+    let controller = pid_of(&logs, "controller").expect("controller runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(controller),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("controller restarted with its tenants", || {
+        pid_of(&logs, "controller").is_some_and(|p| p != controller)
+            && std::panic::catch_unwind(|| http("GET", "/v1/tenants/t", &token, ""))
+                .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
 
     let down = particle().args(["cluster", "down"]).output().unwrap();
     assert!(down.status.success(), "{down:?}");
