@@ -47,10 +47,23 @@ pub async fn run(
 
     let heartbeats = {
         let (client, claims, register) = (client.clone(), claims.clone(), register.clone());
+        let state = state.clone();
         let every = config.heartbeat_every;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
+                // The overlay entries as the kernel has them now, for /metrics.
+                let reading = state.clone();
+                if let Ok(counts) = tokio::task::spawn_blocking(move || {
+                    reading
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .overlay_counts()
+                })
+                .await
+                {
+                    claims.set_overlay_counts(counts);
+                }
                 let beat = Heartbeat {
                     pools: claims_levels(&claims),
                 };
@@ -138,11 +151,14 @@ async fn follow(
                     for e in state.apply(&applied) {
                         tracing::warn!("applying overlay v{}: {e}", applied.version);
                     }
-                    state.claims()
+                    (state.claims(), state.overlay_counts())
                 })
                 .await;
                 match pools {
-                    Ok(pools) => claims.set_pools(pools),
+                    Ok((pools, counts)) => {
+                        claims.set_pools(pools);
+                        claims.set_overlay_counts(counts);
+                    }
                     Err(e) => tracing::error!("overlay apply task: {e}"),
                 }
                 overlay = Some(o);

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use particle_controller::api::PoolLevel;
+use particle_net::overlay::OverlayCounts;
 use particle_net::{PoolStats, PooledEndpoint};
 
 use crate::free_pool::{FreePool, TenantClaim};
@@ -78,6 +79,7 @@ impl LocalResponse {
 pub struct Claims {
     pools: RwLock<BTreeMap<String, TenantClaim>>,
     free: Option<Arc<FreePool>>,
+    overlay: RwLock<BTreeMap<String, OverlayCounts>>,
     claimed: Mutex<HashMap<u64, PooledEndpoint>>,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -94,6 +96,18 @@ impl Claims {
     /// The tenant-free pool's level and how many it bound, if there is one.
     pub fn free_stats(&self) -> Option<(usize, u64)> {
         self.free.as_ref().map(|f| (f.level(), f.bound()))
+    }
+
+    /// Records the overlay entries per tenant, as of the last state applied.
+    pub fn set_overlay_counts(&self, counts: BTreeMap<String, OverlayCounts>) {
+        *self.overlay.write().unwrap_or_else(PoisonError::into_inner) = counts;
+    }
+
+    pub fn overlay_counts(&self) -> BTreeMap<String, OverlayCounts> {
+        self.overlay
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn set_pools(&self, pools: BTreeMap<String, TenantClaim>) {

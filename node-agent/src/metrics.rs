@@ -83,6 +83,27 @@ pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
         destroyed.get_or_create(&l).set(stats.destroyed);
         errors.get_or_create(&l).set(stats.build_errors);
     }
+    let routes = per_tenant(
+        &mut registry,
+        "particle_agent_overlay_routes",
+        "Routes to other nodes' blocks (one per remote node)",
+    );
+    let neighbours = per_tenant(
+        &mut registry,
+        "particle_agent_overlay_neighbours",
+        "Permanent neighbour entries of remote VTEPs",
+    );
+    let fdb = per_tenant(
+        &mut registry,
+        "particle_agent_overlay_fdb",
+        "VXLAN FDB entries of remote VTEPs",
+    );
+    for (tenant, c) in claims.overlay_counts() {
+        let l = TenantLabels { tenant };
+        routes.get_or_create(&l).set(c.routes as u64);
+        neighbours.get_or_create(&l).set(c.neighbours as u64);
+        fdb.get_or_create(&l).set(c.fdb as u64);
+    }
     if let Some((level, bound)) = claims.free_stats() {
         let g = U64Gauge::default();
         g.set(level as u64);

@@ -14,7 +14,9 @@ use ipnetwork::Ipv4Network;
 use particle_controller::api::{NodeOverlay, PoolLevel, TenantOverlay};
 use particle_net::endpoint::FactoryConfig;
 use particle_net::ipam::parse_network;
-use particle_net::overlay::{OverlayError, RemoteBlock, TenantBinder, TenantNetwork, Underlay};
+use particle_net::overlay::{
+    OverlayCounts, OverlayError, RemoteBlock, TenantBinder, TenantNetwork, Underlay,
+};
 use particle_net::{
     AddressBlock, EndpointFactory, EndpointPool, IpamError, NetNs, NetlinkError, NetlinkSocket,
     PoolConfig, PoolError, PooledEndpoint, RunPrefix,
@@ -273,6 +275,20 @@ impl NodeState {
                     binder: slot.binder.clone(),
                 };
                 (name.clone(), claim)
+            })
+            .collect()
+    }
+
+    /// The overlay entries each tenant's router holds, read from the kernel.
+    pub fn overlay_counts(&mut self) -> BTreeMap<String, OverlayCounts> {
+        self.tenants
+            .iter_mut()
+            .filter_map(|(name, slot)| match slot.network.state_counts() {
+                Ok(c) => Some((name.clone(), c)),
+                Err(e) => {
+                    tracing::warn!("reading tenant {name}'s overlay entries: {e}");
+                    None
+                }
             })
             .collect()
     }

@@ -58,6 +58,14 @@ async fn claim(socket: &Path, tenant: &str) -> ClaimedEndpoint {
     }
 }
 
+async fn claim_many(socket: &Path, tenant: &str, n: usize) -> Vec<ClaimedEndpoint> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(claim(socket, tenant).await);
+    }
+    out
+}
+
 fn ping(from: &ClaimedEndpoint, to: &ClaimedEndpoint) -> bool {
     let ns = NetNs::open(&from.netns).unwrap();
     let ip = to.address.split('/').next().unwrap();
@@ -168,6 +176,61 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     assert!(ping(&b1, &b2), "tenant b across nodes");
     assert!(!ping(&a0, &b1), "tenant a reached tenant b");
     assert!(!ping(&b2, &a2), "tenant b reached tenant a on its own node");
+
+    // A TCP exchange across nodes, between endpoints claimed from two agents.
+    {
+        let server_ns = NetNs::open(&a2.netns).unwrap();
+        let ip: std::net::Ipv4Addr = a2.address.split('/').next().unwrap().parse().unwrap();
+        let listener = server_ns
+            .run_in(|| std::net::TcpListener::bind((ip, 7200)))
+            .unwrap()
+            .unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 32];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+        });
+        let client_ns = NetNs::open(&a0.netns).unwrap();
+        let mut c = client_ns
+            .run_in(|| std::net::TcpStream::connect((ip, 7200)))
+            .unwrap()
+            .unwrap();
+        use std::io::{Read, Write};
+        c.write_all(&[9u8; 32]).unwrap();
+        let mut back = [0u8; 32];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, [9u8; 32]);
+        server.join().unwrap();
+    }
+
+    // Overlay state grows with nodes, not endpoints: 12 more endpoints on n1
+    // leave every node with one route, neighbour and FDB entry per other node.
+    let more: Vec<_> = claim_many(&agents[1].socket, "a", 12).await;
+    for (i, agent) in agents.iter().enumerate() {
+        let scrape =
+            ControllerClient::new(agent.metrics, String::new(), dial_from(hosts[i].netns()));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = scrape
+                .send::<()>(hyper::Method::GET, "/metrics", None)
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&text).into_owned();
+            let two = ["routes", "neighbours", "fdb"].iter().all(|k| {
+                ["a", "b"].iter().all(|t| {
+                    text.contains(&format!("particle_agent_overlay_{k}{{tenant=\"{t}\"}} 2"))
+                })
+            });
+            if two {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {i}: {text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(more.len(), 12);
 
     // Each agent reports its pools to Prometheus and in its heartbeats.
     let scrape = ControllerClient::new(
