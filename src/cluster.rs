@@ -34,6 +34,8 @@ pub struct UpOptions {
     /// Port of the controller (on the underlay) and of the relay on 127.0.0.1.
     pub port: u16,
     pub pool_size: usize,
+    /// Tenant-free endpoints per node.
+    pub free_pool_size: usize,
 }
 
 /// A cluster process: how to start it, and the running child, killed and
@@ -161,6 +163,8 @@ pub fn up(opts: &UpOptions) -> Result<()> {
                 socket.display().to_string(),
                 "--pool-size".into(),
                 opts.pool_size.to_string(),
+                "--free-pool-size".into(),
+                opts.free_pool_size.to_string(),
             ],
             &dir.join(format!("n{i}.log")),
         )?);

@@ -62,6 +62,9 @@ enum ClusterCommand {
         /// Warm endpoints per tenant per node.
         #[arg(long, default_value_t = 16)]
         pool_size: usize,
+        /// Tenant-free endpoints per node (bound to a tenant that runs dry).
+        #[arg(long, default_value_t = 16)]
+        free_pool_size: usize,
     },
     /// Stops every running local cluster.
     Down,
@@ -208,12 +211,14 @@ fn main() -> Result<()> {
                     underlay,
                     port,
                     pool_size,
+                    free_pool_size,
                 },
         } => cluster::up(&cluster::UpOptions {
             nodes,
             underlay,
             port,
             pool_size,
+            free_pool_size,
         })?,
         Command::Cluster {
             cluster: ClusterCommand::Down,
