@@ -52,20 +52,19 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                // The overlay entries as the kernel has them now, for /metrics.
+                // The overlay entries as the kernel has them now, for /metrics;
+                // skipped while an apply holds the state, so the heartbeat never
+                // waits behind it.
                 let reading = state.clone();
-                if let Ok(counts) = tokio::task::spawn_blocking(move || {
-                    reading
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .overlay_counts()
+                let counts = tokio::task::spawn_blocking(move || {
+                    reading.try_lock().ok().map(|mut s| s.overlay_counts())
                 })
-                .await
-                {
+                .await;
+                if let Ok(Some(counts)) = counts {
                     claims.set_overlay_counts(counts);
                 }
                 let beat = Heartbeat {
-                    pools: claims_levels(&claims),
+                    pools: claims.pool_levels(),
                 };
                 match client.heartbeat(&register.node, &beat).await {
                     Ok(true) => {}
@@ -114,15 +113,6 @@ impl Drop for Running {
             task.abort();
         }
         let _ = std::fs::remove_file(&self.socket_path);
-    }
-}
-
-fn claims_levels(
-    claims: &Claims,
-) -> std::collections::BTreeMap<String, particle_controller::api::PoolLevel> {
-    match claims.handle(local_api::LocalRequest::Status) {
-        local_api::LocalResponse::Status { pools, .. } => pools,
-        _ => Default::default(),
     }
 }
 

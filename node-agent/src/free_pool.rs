@@ -97,6 +97,7 @@ impl FreePool {
                         return;
                     }
                 })
+                .map_err(|e| tracing::error!("cannot start the tenant-free refiller: {e}"))
                 .ok()
         };
         Self {

@@ -124,6 +124,14 @@ impl Claims {
             .collect()
     }
 
+    /// Every pool's level, as status answers and heartbeats report it.
+    pub fn pool_levels(&self) -> BTreeMap<String, PoolLevel> {
+        self.pool_stats()
+            .into_iter()
+            .map(|(name, s)| (name, pool_level(&s)))
+            .collect()
+    }
+
     /// Requests handled and how many of them were errors.
     pub fn request_counts(&self) -> (u64, u64) {
         (
@@ -192,22 +200,20 @@ impl Claims {
                     None => LocalResponse::error(format!("no claimed endpoint {id}")),
                 }
             }
-            LocalRequest::Status => {
-                let pools = self
-                    .pool_stats()
-                    .into_iter()
-                    .map(|(name, s)| {
-                        let level = PoolLevel {
-                            ready: s.ready,
-                            claimed: s.claimed,
-                            build_errors: s.build_errors,
-                        };
-                        (name, level)
-                    })
-                    .collect();
-                LocalResponse::Status { ok: true, pools }
-            }
+            LocalRequest::Status => LocalResponse::Status {
+                ok: true,
+                pools: self.pool_levels(),
+            },
         }
+    }
+}
+
+/// What the controller is told of a pool.
+pub fn pool_level(s: &PoolStats) -> PoolLevel {
+    PoolLevel {
+        ready: s.ready,
+        claimed: s.claimed,
+        build_errors: s.build_errors,
     }
 }
 

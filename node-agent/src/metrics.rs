@@ -15,6 +15,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use particle_net::PoolStats;
+
 use crate::local_api::Claims;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -24,64 +26,68 @@ struct TenantLabels {
 
 type U64Gauge = Gauge<u64, AtomicU64>;
 
+type PoolMetric = (&'static str, &'static str, fn(&PoolStats) -> u64);
+
+/// Per tenant, from its pool's counters ("cumulative" ones only grow).
+const POOL_METRICS: [PoolMetric; 8] = [
+    ("particle_agent_pool_ready", "Warm endpoints ready", |s| {
+        s.ready as u64
+    }),
+    (
+        "particle_agent_pool_building",
+        "Endpoints being built",
+        |s| s.building as u64,
+    ),
+    (
+        "particle_agent_pool_claims",
+        "Claims served (cumulative)",
+        |s| s.claimed,
+    ),
+    (
+        "particle_agent_pool_empty_claims",
+        "Claims that found the pool empty (cumulative)",
+        |s| s.empty_claims,
+    ),
+    (
+        "particle_agent_pool_created",
+        "Endpoints built by refills (cumulative; its rate is the refill rate)",
+        |s| s.created,
+    ),
+    (
+        "particle_agent_pool_recycled",
+        "Endpoints returned clean and reused (cumulative)",
+        |s| s.recycled,
+    ),
+    (
+        "particle_agent_pool_destroyed",
+        "Endpoints destroyed (cumulative)",
+        |s| s.destroyed,
+    ),
+    (
+        "particle_agent_pool_build_errors",
+        "Endpoint builds that failed (cumulative)",
+        |s| s.build_errors,
+    ),
+];
+
 /// Renders the agent's metrics in the OpenMetrics text format.
 pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
+    let pool_stats = claims.pool_stats();
     let per_tenant = |registry: &mut Registry, name: &str, help: &str| {
         let family = Family::<TenantLabels, U64Gauge>::default();
         registry.register(name, help, family.clone());
         family
     };
-    let ready = per_tenant(
-        &mut registry,
-        "particle_agent_pool_ready",
-        "Warm endpoints ready",
-    );
-    let building = per_tenant(
-        &mut registry,
-        "particle_agent_pool_building",
-        "Endpoints being built",
-    );
-    let claimed = per_tenant(
-        &mut registry,
-        "particle_agent_pool_claims",
-        "Claims served (cumulative)",
-    );
-    let empty = per_tenant(
-        &mut registry,
-        "particle_agent_pool_empty_claims",
-        "Claims that found the pool empty (cumulative)",
-    );
-    let created = per_tenant(
-        &mut registry,
-        "particle_agent_pool_created",
-        "Endpoints built by refills (cumulative; its rate is the refill rate)",
-    );
-    let recycled = per_tenant(
-        &mut registry,
-        "particle_agent_pool_recycled",
-        "Endpoints returned clean and reused (cumulative)",
-    );
-    let destroyed = per_tenant(
-        &mut registry,
-        "particle_agent_pool_destroyed",
-        "Endpoints destroyed (cumulative)",
-    );
-    let errors = per_tenant(
-        &mut registry,
-        "particle_agent_pool_build_errors",
-        "Endpoint builds that failed (cumulative)",
-    );
-    for (tenant, stats) in claims.pool_stats() {
-        let l = TenantLabels { tenant };
-        ready.get_or_create(&l).set(stats.ready as u64);
-        building.get_or_create(&l).set(stats.building as u64);
-        claimed.get_or_create(&l).set(stats.claimed);
-        empty.get_or_create(&l).set(stats.empty_claims);
-        created.get_or_create(&l).set(stats.created);
-        recycled.get_or_create(&l).set(stats.recycled);
-        destroyed.get_or_create(&l).set(stats.destroyed);
-        errors.get_or_create(&l).set(stats.build_errors);
+    for (name, help, value) in POOL_METRICS {
+        let family = per_tenant(&mut registry, name, help);
+        for (tenant, stats) in &pool_stats {
+            family
+                .get_or_create(&TenantLabels {
+                    tenant: tenant.clone(),
+                })
+                .set(value(stats));
+        }
     }
     let routes = per_tenant(
         &mut registry,

@@ -23,6 +23,7 @@ use particle_net::{
 };
 
 use crate::free_pool::{FreePool, TenantClaim};
+use crate::local_api::pool_level;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -302,15 +303,7 @@ impl NodeState {
     pub fn pool_levels(&self) -> BTreeMap<String, PoolLevel> {
         self.tenants
             .iter()
-            .map(|(name, slot)| {
-                let s = slot.pool.stats();
-                let level = PoolLevel {
-                    ready: s.ready,
-                    claimed: s.claimed,
-                    build_errors: s.build_errors,
-                };
-                (name.clone(), level)
-            })
+            .map(|(name, slot)| (name.clone(), pool_level(&slot.pool.stats())))
             .collect()
     }
 

@@ -113,19 +113,32 @@ pub fn move_to_netns(name: &IfName, netns: RawFd) -> RouteNetlinkMessage {
 /// A route to `destination` via `gateway` on link `oif`, even though the
 /// gateway is on no local subnet (the VXLAN device's peers never are).
 pub fn onlink_route(destination: Ipv4Network, gateway: Ipv4Addr, oif: u32) -> RouteNetlinkMessage {
+    static_route(Some(destination), gateway, oif, RouteFlags::Onlink)
+}
+
+/// A static route in the main table; `None` is the default route.
+fn static_route(
+    destination: Option<Ipv4Network>,
+    gateway: Ipv4Addr,
+    oif: u32,
+    flags: RouteFlags,
+) -> RouteNetlinkMessage {
     let mut msg = RouteMessage::default();
     msg.header.address_family = AddressFamily::Inet;
-    msg.header.destination_prefix_length = destination.prefix();
     msg.header.table = RouteHeader::RT_TABLE_MAIN;
     msg.header.protocol = RouteProtocol::Static;
     msg.header.scope = RouteScope::Universe;
     msg.header.kind = RouteType::Unicast;
-    msg.header.flags = RouteFlags::Onlink;
-    msg.attributes = vec![
-        RouteAttribute::Destination(RouteAddress::Inet(destination.network())),
+    msg.header.flags = flags;
+    if let Some(d) = destination {
+        msg.header.destination_prefix_length = d.prefix();
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(d.network())));
+    }
+    msg.attributes.extend([
         RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
         RouteAttribute::Oif(oif),
-    ];
+    ]);
     RouteNetlinkMessage::NewRoute(msg)
 }
 
@@ -267,17 +280,7 @@ pub fn add_ipv4_address(index: u32, address: Ipv4Addr, prefix_len: u8) -> RouteN
 
 /// The default IPv4 route via `gateway` out of the link with this index.
 pub fn default_route(gateway: Ipv4Addr, oif: u32) -> RouteNetlinkMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.protocol = RouteProtocol::Static;
-    msg.header.scope = RouteScope::Universe;
-    msg.header.kind = RouteType::Unicast;
-    msg.attributes = vec![
-        RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
-        RouteAttribute::Oif(oif),
-    ];
-    RouteNetlinkMessage::NewRoute(msg)
+    static_route(None, gateway, oif, RouteFlags::empty())
 }
 
 fn broadcast_of(address: Ipv4Addr, prefix_len: u8) -> Option<Ipv4Addr> {
