@@ -1,1 +1,11 @@
-//! Real jobs on Particle (video pipeline, all-to-all exchange). Not built yet: see the workload issue.
+//! Real jobs on Particle: the programs a burst launches as functions.
+//!
+//! - [`env`]: what every function learns from its environment (rank, size,
+//!   peers), the contract between the launcher and the functions.
+//! - [`ring`]: the startup probe: each function reaches a peer on another
+//!   node and exchanges a message; the benchmarks time it.
+//!
+//! `particle-fn` (src/bin) is the one binary functions run, one subcommand per job.
+
+pub mod env;
+pub mod ring;
