@@ -6,6 +6,7 @@
 //! - [`serve`]: runs the router plus the node-expiry loop.
 
 pub mod api;
+pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod state;

@@ -6,6 +6,7 @@
 pub mod controller_client;
 pub mod daemon;
 pub mod free_pool;
+pub mod launcher;
 pub mod local_api;
 pub mod metrics;
 pub mod node_state;
