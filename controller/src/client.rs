@@ -65,6 +65,11 @@ impl ApiClient {
         Self { addr, token, dial }
     }
 
+    /// The bearer token it sends.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// A client that connects from the calling process's own namespace.
     pub fn direct(addr: SocketAddr, token: String) -> Self {
         Self::new(addr, token, Arc::new(std::net::TcpStream::connect))

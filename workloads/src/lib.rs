@@ -5,7 +5,9 @@
 //! - [`ring`]: the startup probe: each function reaches a peer on another
 //!   node and exchanges a message; the benchmarks time it.
 //!
-//! `particle-fn` (src/bin) is the one binary functions run, one subcommand per job.
+//! `particle-fn` (src/bin) is the binary functions run, one subcommand per
+//! job ([`jobs`]); `particle fn` runs the same jobs.
 
 pub mod env;
+pub mod jobs;
 pub mod ring;
