@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use particle_net::scratch::ScratchNode;
-use particle_net::{AddressBlock, NetNs, Run};
-use particle_node_agent::controller_client::Method;
+use particle_controller::client::{ApiClient, Method};
+use particle_net::{AddressBlock, Endpoint, NetNs, Run};
 
 /// Where a running cluster's files live.
 fn cluster_dir(run: &Run) -> PathBuf {
@@ -105,100 +105,185 @@ fn spawn_child(ns: &NetNs, args: &[String], log: &Path) -> Result<Child> {
     cmd.spawn().with_context(|| format!("starting {args:?}"))
 }
 
-pub fn up(opts: &UpOptions) -> Result<()> {
-    if opts.nodes == 0 {
-        bail!("--nodes must be at least 1");
-    }
-    if !nix::unistd::geteuid().is_root() {
-        bail!("cluster up creates network namespaces: run it as root");
-    }
-    particle_net::limits::raise_open_files()?;
-    let run = Run::start()?;
-    let dir = cluster_dir(&run);
-    std::fs::create_dir_all(&dir)?;
-    let _dir_guard = RemoveDir(dir.clone());
-    std::fs::write(dir.join("pid"), std::process::id().to_string())?;
-    let mut fabric = ScratchNode::new(run.prefix(), AddressBlock::parse(&opts.underlay)?)
-        .context("creating the underlay")?;
-    let hosts = fabric.hosts(opts.nodes).context("creating the nodes")?;
+/// A running local cluster: its namespaces, its processes and its files, all
+/// removed when it is dropped (processes first, then nodes, then the underlay).
+pub struct LocalCluster {
+    children: Vec<ChildGuard>,
+    runtime: tokio::runtime::Runtime,
+    hosts: Vec<Endpoint>,
+    fabric: ScratchNode,
+    token: String,
+    controller_addr: SocketAddr,
+    relay_addr: Option<SocketAddr>,
+    sockets: Vec<(IpAddr, PathBuf)>,
+    dir: RemoveDir,
+    run: Run,
+}
 
-    let token_file = dir.join("token");
-    let mut token = [0u8; 16];
-    getrandom_token(&mut token)?;
-    let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&token_file, &token)?;
+/// One node as benchmarks and demos see it.
+pub struct NodeHandle<'a> {
+    pub name: String,
+    pub netns: &'a NetNs,
+    pub underlay_ip: std::net::Ipv4Addr,
+}
 
-    let controller_addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), opts.port);
-    let mut children = vec![spawn_in(
-        &fabric.netns,
-        &[
-            "controller".into(),
-            "--listen".into(),
-            controller_addr.to_string(),
-            "--token-file".into(),
-            token_file.display().to_string(),
-            "--state-file".into(),
-            dir.join("controller.json").display().to_string(),
-        ],
-        &dir.join("controller.log"),
-    )?];
-    let mut sockets = Vec::new();
-    for (i, host) in hosts.iter().enumerate() {
-        let socket = dir.join(format!("n{i}.sock"));
-        children.push(spawn_in(
-            host.netns(),
+impl LocalCluster {
+    /// Builds the underlay and the nodes, starts the controller and the
+    /// agents, and waits until every node has registered. With `relay`, the
+    /// controller is also reachable at 127.0.0.1:`opts.port`.
+    pub fn start(opts: &UpOptions, relay: bool) -> Result<Self> {
+        if opts.nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        if !nix::unistd::geteuid().is_root() {
+            bail!("a local cluster creates network namespaces: run it as root");
+        }
+        particle_net::limits::raise_open_files()?;
+        let run = Run::start()?;
+        let dir = cluster_dir(&run);
+        std::fs::create_dir_all(&dir)?;
+        let dir = RemoveDir(dir);
+        std::fs::write(dir.0.join("pid"), std::process::id().to_string())?;
+        let mut fabric = ScratchNode::new(run.prefix(), AddressBlock::parse(&opts.underlay)?)
+            .context("creating the underlay")?;
+        let hosts = fabric.hosts(opts.nodes).context("creating the nodes")?;
+
+        let token_file = dir.0.join("token");
+        let mut token = [0u8; 16];
+        getrandom_token(&mut token)?;
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&token_file, &token)?;
+
+        let controller_addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), opts.port);
+        let mut children = vec![spawn_in(
+            &fabric.netns,
             &[
-                "agent".into(),
-                "--node".into(),
-                format!("n{i}"),
-                "--controller".into(),
+                "controller".into(),
+                "--listen".into(),
                 controller_addr.to_string(),
                 "--token-file".into(),
                 token_file.display().to_string(),
-                "--underlay-iface".into(),
-                particle_net::endpoint::ENDPOINT_IFNAME.into(),
-                "--underlay-ip".into(),
-                host.address().ip().to_string(),
-                "--socket".into(),
-                socket.display().to_string(),
-                "--pool-size".into(),
-                opts.pool_size.to_string(),
-                "--free-pool-size".into(),
-                opts.free_pool_size.to_string(),
+                "--state-file".into(),
+                dir.0.join("controller.json").display().to_string(),
             ],
-            &dir.join(format!("n{i}.log")),
-        )?);
-        sockets.push((host.address().ip(), socket));
+            &dir.0.join("controller.log"),
+        )?];
+        let mut sockets = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let socket = dir.0.join(format!("n{i}.sock"));
+            children.push(spawn_in(
+                host.netns(),
+                &[
+                    "agent".into(),
+                    "--node".into(),
+                    format!("n{i}"),
+                    "--controller".into(),
+                    controller_addr.to_string(),
+                    "--token-file".into(),
+                    token_file.display().to_string(),
+                    "--underlay-iface".into(),
+                    particle_net::endpoint::ENDPOINT_IFNAME.into(),
+                    "--underlay-ip".into(),
+                    host.address().ip().to_string(),
+                    "--socket".into(),
+                    socket.display().to_string(),
+                    "--pool-size".into(),
+                    opts.pool_size.to_string(),
+                    "--free-pool-size".into(),
+                    opts.free_pool_size.to_string(),
+                ],
+                &dir.0.join(format!("n{i}.log")),
+            )?);
+            sockets.push((IpAddr::V4(host.address().ip()), socket));
+        }
+
+        let runtime = tokio::runtime::Runtime::new()?;
+        let fabric_ns = Arc::new(fabric.netns.try_clone()?);
+        let relay_addr = relay.then(|| SocketAddr::from(([127, 0, 0, 1], opts.port)));
+        let cluster = Self {
+            children,
+            runtime,
+            hosts,
+            fabric,
+            token,
+            controller_addr,
+            relay_addr,
+            sockets,
+            dir,
+            run,
+        };
+        let api = cluster.api()?;
+        cluster.runtime.block_on(async {
+            if let Some(relay_addr) = relay_addr {
+                let relay = tokio::net::TcpListener::bind(relay_addr)
+                    .await
+                    .with_context(|| format!("relay on {relay_addr}"))?;
+                tokio::spawn(relay_loop(relay, fabric_ns, controller_addr));
+            }
+            wait_for_nodes(&api, opts.nodes, Duration::from_secs(30)).await
+        })?;
+        Ok(cluster)
     }
 
-    let runtime = tokio::runtime::Runtime::new()?;
-    let fabric_ns = Arc::new(fabric.netns.try_clone()?);
-    runtime.block_on(async {
-        let relay_addr = SocketAddr::from(([127, 0, 0, 1], opts.port));
-        let relay = tokio::net::TcpListener::bind(relay_addr)
-            .await
-            .with_context(|| format!("relay on {relay_addr}"))?;
-        tokio::spawn(relay_loop(relay, fabric_ns, controller_addr));
-        wait_for_nodes(relay_addr, &token, opts.nodes, Duration::from_secs(30)).await?;
-        println!("cluster {} up: {} nodes", run.prefix(), opts.nodes);
-        println!(
-            "  controller  http://{relay_addr} (relayed to {controller_addr} on the underlay)"
-        );
-        println!("  token       {}", token_file.display());
-        for (i, (ip, socket)) in sockets.iter().enumerate() {
-            println!(
-                "  node n{i}     underlay {ip}, agent socket {}",
-                socket.display()
-            );
+    /// A client of the controller, dialling inside the underlay.
+    pub fn api(&self) -> Result<ApiClient> {
+        let dial = particle_controller::client::dial_in(self.fabric.netns.try_clone()?);
+        Ok(ApiClient::new(self.controller_addr, self.token.clone(), dial))
+    }
+
+    pub fn nodes(&self) -> Vec<NodeHandle<'_>> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| NodeHandle {
+                name: format!("n{i}"),
+                netns: h.netns(),
+                underlay_ip: h.address().ip(),
+            })
+            .collect()
+    }
+
+    pub fn prefix(&self) -> &particle_net::RunPrefix {
+        self.run.prefix()
+    }
+
+    /// Where the cluster's files (token, logs, sockets) are.
+    pub fn dir(&self) -> &Path {
+        &self.dir.0
+    }
+
+    /// Restarts children that died.
+    fn restart_dead(&mut self) -> Result<()> {
+        for c in self.children.iter_mut() {
+            c.restart_if_dead()?;
         }
-        println!("  logs        {}", dir.display());
-        println!("ready (Ctrl-C or `particle cluster down` to stop)");
-        wait_for_stop(&mut children).await
-    })?;
-    drop(children);
-    drop(hosts);
-    drop(fabric);
-    println!("cluster {} down", run.prefix());
+        Ok(())
+    }
+}
+
+pub fn up(opts: &UpOptions) -> Result<()> {
+    let mut cluster = LocalCluster::start(opts, true)?;
+    println!("cluster {} up: {} nodes", cluster.prefix(), opts.nodes);
+    if let Some(relay) = cluster.relay_addr {
+        println!(
+            "  controller  http://{relay} (relayed to {} on the underlay)",
+            cluster.controller_addr
+        );
+    }
+    println!("  token       {}", cluster.dir().join("token").display());
+    for (i, (ip, socket)) in cluster.sockets.iter().enumerate() {
+        println!(
+            "  node n{i}     underlay {ip}, agent socket {}",
+            socket.display()
+        );
+    }
+    println!("  logs        {}", cluster.dir().display());
+    println!("ready (Ctrl-C or `particle cluster down` to stop)");
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(wait_for_stop(&mut cluster))?;
+    let prefix = cluster.prefix().clone();
+    drop(cluster);
+    println!("cluster {prefix} down");
     Ok(())
 }
 
@@ -223,14 +308,7 @@ async fn relay_loop(listener: tokio::net::TcpListener, fabric: Arc<NetNs>, targe
     }
 }
 
-async fn wait_for_nodes(
-    relay: SocketAddr,
-    token: &str,
-    nodes: usize,
-    timeout: Duration,
-) -> Result<()> {
-    let client =
-        particle_node_agent::controller_client::ControllerClient::direct(relay, token.into());
+async fn wait_for_nodes(client: &ApiClient, nodes: usize, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
         let listed: Result<Vec<particle_controller::api::Node>, _> =
@@ -246,7 +324,7 @@ async fn wait_for_nodes(
 }
 
 /// Returns on SIGINT/SIGTERM; restarts children that die meanwhile.
-async fn wait_for_stop(children: &mut [ChildGuard]) -> Result<()> {
+async fn wait_for_stop(cluster: &mut LocalCluster) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut check = tokio::time::interval(Duration::from_millis(500));
@@ -254,11 +332,7 @@ async fn wait_for_stop(children: &mut [ChildGuard]) -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = term.recv() => return Ok(()),
-            _ = check.tick() => {
-                for c in children.iter_mut() {
-                    c.restart_if_dead()?;
-                }
-            }
+            _ = check.tick() => cluster.restart_dead()?,
         }
     }
 }

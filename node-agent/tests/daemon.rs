@@ -8,7 +8,6 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use particle_controller::api::{CreateTenant, Node, NodeOverlay, Tenant};
@@ -25,11 +24,7 @@ const TOKEN: &str = "test-token";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn dial_from(ns: &NetNs) -> Dial {
-    let ns = Arc::new(ns.try_clone().unwrap());
-    Arc::new(move |addr| {
-        ns.run_in(|| std::net::TcpStream::connect(addr))
-            .map_err(std::io::Error::other)?
-    })
+    particle_controller::client::dial_in(ns.try_clone().unwrap())
 }
 
 /// One request to an agent's local API; `None` while the agent is not listening yet.
