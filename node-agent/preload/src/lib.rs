@@ -323,13 +323,22 @@ fn parse_destinations(line: &[u8]) -> Vec<SocketAddr> {
         return Vec::new();
     };
     let rest = &text[start + "\"destinations\":[".len()..];
-    let Some(end) = rest.find(']') else {
-        return Vec::new();
-    };
-    rest[..end]
-        .split(',')
-        .filter_map(|s| s.trim().trim_matches('"').parse().ok())
-        .collect()
+    // Quoted strings until the closing bracket outside quotes (IPv6 has brackets inside).
+    let mut out = Vec::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                let s: String = chars.by_ref().take_while(|&c| c != '"').collect();
+                if let Ok(a) = s.parse() {
+                    out.push(a);
+                }
+            }
+            ']' => break,
+            _ => {}
+        }
+    }
+    out
 }
 
 fn open_agent() -> Option<Agent> {
