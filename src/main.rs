@@ -169,6 +169,37 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Warm connections: request latency (baseline / do-nothing preload / reuse) and flow completion times, new vs warm.
+    Reuse {
+        /// Requests per mode in the latency experiment.
+        #[arg(long, default_value_t = 500)]
+        runs: usize,
+        /// One-way delay of the emulated underlay, ms (a userspace delay line: no netem here).
+        #[arg(long, default_value_t = 0.5)]
+        delay_ms: f64,
+        /// Flows per size, kind and load in the flow experiment.
+        #[arg(long, default_value_t = 10)]
+        flow_runs: usize,
+        /// Underlay rate in Mbit/s (tbf each way); 0: unshaped.
+        #[arg(long, default_value_t = 1000)]
+        link_mbit: u32,
+        /// Write the latency CDF plot (SVG) here.
+        #[arg(long, default_value = "reuse-cdf.svg")]
+        plot: std::path::PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The plain client process `bench reuse` runs (connect, request, read, close).
+    #[command(hide = true)]
+    ReuseClient {
+        #[arg(long)]
+        dest: std::net::SocketAddr,
+        #[arg(long)]
+        runs: usize,
+        #[arg(long, default_value_t = particle_bench::reuse::REQUEST_ANSWER)]
+        size: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -204,6 +235,34 @@ fn main() -> Result<()> {
                 anyhow::bail!("{} objects leaked", report.leaked);
             }
         }
+        Command::Bench {
+            bench:
+                Bench::Reuse {
+                    runs,
+                    delay_ms,
+                    flow_runs,
+                    link_mbit,
+                    plot,
+                    json,
+                },
+        } => {
+            let opts = particle_bench::reuse::Options {
+                runs,
+                delay_ms,
+                flow_runs,
+                link_mbit,
+                plot: Some(plot),
+            };
+            let report = particle_bench::reuse::run(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", particle_bench::reuse::render(&report));
+            }
+        }
+        Command::Bench {
+            bench: Bench::ReuseClient { dest, runs, size },
+        } => println!("{}", particle_bench::reuse::client(dest, runs, size)?),
         Command::Cluster {
             cluster:
                 ClusterCommand::Up {
