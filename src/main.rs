@@ -150,6 +150,26 @@ struct AgentArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     prefix: Option<String>,
+    /// Serve warm connections on this Unix socket [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_socket: Option<std::path::PathBuf>,
+    /// Agent-to-agent warm listener port, on the underlay address [default: 7702].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_port: Option<u16>,
+    /// Warm connections kept per destination [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_pool_size: Option<usize>,
+    /// An external service to keep warm: ADDR:PORT or ADDR:PORT=TENANT,TENANT (repeatable).
+    #[arg(long = "warm-destination")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warm_destinations: Vec<String>,
+    /// Keep-warm probe period on agent-to-agent connections, ms [default: 0, none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_probe_ms: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -396,6 +416,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         socket_path: args.socket.clone(),
         heartbeat_every: std::time::Duration::from_secs(1),
     };
+    let warm = args.warm_config()?;
     let client =
         particle_node_agent::controller_client::ControllerClient::direct(args.controller, token);
     let metrics_addr = args
@@ -410,7 +431,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             metrics: Some(metrics),
         };
         let node = particle_net::NetNs::current()?;
-        particle_node_agent::daemon::run(config, node, client, listeners).await?;
+        particle_node_agent::daemon::run_with_warm(config, node, client, listeners, warm).await?;
         anyhow::Ok(())
     })?;
     Ok(())
