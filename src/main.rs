@@ -33,7 +33,7 @@ enum Command {
     Controller(ControllerArgs),
     /// The node agent: runs in its node's namespace, owns the node's tenant
     /// overlays and warm pools, follows the controller, serves the local API.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Sends one request to a node agent's local API and prints the answer,
     /// e.g. `particle local --socket S '{"op":"claim","tenant":"a"}'`.
     Local {
@@ -321,7 +321,7 @@ fn main() -> Result<()> {
                 "the agent refused the request"
             );
         }
-        Command::Agent(args) => agent(args)?,
+        Command::Agent(args) => agent(*args)?,
         Command::Gc => {
             let mut socket = particle_net::NetlinkSocket::open().context("netlink socket")?;
             let report = particle_net::gc::collect(Some(&mut socket));
