@@ -324,7 +324,6 @@ impl Shared {
             .ok()
             .and_then(|ino| lock(&self.lent).remove(&ino));
         let Some(lent) = lent else {
-            bump(&self.counters.refused);
             return WarmResponse::error("not a connection this agent lent");
         };
         let not_pooled = |reason: String| WarmResponse {

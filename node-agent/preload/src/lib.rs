@@ -99,27 +99,33 @@ unsafe fn real_close(fd: c_int) -> c_int {
     }
 }
 
-/// Descriptors holding a connection the agent lent.
-static POOLED: Mutex<Vec<c_int>> = Mutex::new(Vec::new());
+/// Descriptors holding a connection the agent lent, with the process that
+/// got it: a forked child closing its inherited copy must not give back a
+/// connection its parent still uses.
+static POOLED: Mutex<Vec<(c_int, u32)>> = Mutex::new(Vec::new());
 /// How many; lets close() of everything else skip the lock.
 static POOLED_COUNT: AtomicUsize = AtomicUsize::new(0);
 
 fn pooled_insert(fd: c_int) {
     let mut p = POOLED.lock().unwrap_or_else(PoisonError::into_inner);
-    if !p.contains(&fd) {
-        p.push(fd);
+    if !p.iter().any(|&(x, _)| x == fd) {
+        p.push((fd, std::process::id()));
         POOLED_COUNT.store(p.len(), Ordering::Relaxed);
     }
 }
 
+/// Whether `fd` held a lent connection of this very process (forgetting it).
 fn pooled_remove(fd: c_int) -> bool {
     if POOLED_COUNT.load(Ordering::Relaxed) == 0 {
         return false;
     }
     let mut p = POOLED.lock().unwrap_or_else(PoisonError::into_inner);
-    let found = p.iter().position(|&x| x == fd).map(|i| p.swap_remove(i));
+    let found = p
+        .iter()
+        .position(|&(x, _)| x == fd)
+        .map(|i| p.swap_remove(i));
     POOLED_COUNT.store(p.len(), Ordering::Relaxed);
-    found.is_some()
+    found.is_some_and(|(_, pid)| pid == std::process::id())
 }
 
 /// The connection to the agent and what it said about destinations.
@@ -536,7 +542,8 @@ unsafe fn connect_impl(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_in
         let pooled = POOLED
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&fd);
+            .iter()
+            .any(|&(x, _)| x == fd);
         debug!("passthrough connect fd {fd} to {dest} (pooled: {pooled})");
         return real_connect(fd, addr, len);
     }

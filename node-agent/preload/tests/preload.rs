@@ -77,13 +77,25 @@ read -r answer <&3
 echo "$answer"
 exec 3<&-"#;
 
+/// The same, but a forked subshell closes its inherited copy of the connection first.
+const FORKING_PROGRAM: &str = r#"exec 3<>"/dev/tcp/$1/$2" || exit 3
+( exec 3<&- )
+echo hello >&3
+read -r answer <&3
+echo "$answer"
+exec 3<&-"#;
+
 /// Runs the program in `ns`; returns (client port, connection number) as the server saw them.
 fn program(ns: &NetNs, dest: SocketAddr, env: &[(&str, &str)]) -> (u16, usize) {
+    script(PROGRAM, ns, dest, env)
+}
+
+fn script(text: &str, ns: &NetNs, dest: SocketAddr, env: &[(&str, &str)]) -> (u16, usize) {
     let out = ns
         .command("bash")
         .args([
             "-c",
-            PROGRAM,
+            text,
             "bash",
             &dest.ip().to_string(),
             &dest.port().to_string(),
@@ -160,6 +172,20 @@ fn an_unmodified_program_gets_the_warm_connection_through_the_preload_library() 
     let s = warm.stats();
     assert_eq!((s.handed_out, s.returned_clean, s.lent), (3, 3, 0), "{s:?}");
 
+    // A forked subshell that closes its inherited fd 3 leaves the parent's
+    // connection alone. (bash keeps the connection on another fd by then, so
+    // this does not reach the library's fork guard: that one is untested.)
+    assert_eq!(
+        script(FORKING_PROGRAM, function, dest, &preload),
+        (warm_port, 1)
+    );
+    let s = warm.stats();
+    assert_eq!(
+        (s.handed_out, s.returned_clean, s.lent, s.refused),
+        (4, 4, 0, 0),
+        "{s:?}"
+    );
+
     // The do-nothing mode intercepts but never asks the agent.
     let passthrough = [
         ("LD_PRELOAD", lib),
@@ -168,7 +194,7 @@ fn an_unmodified_program_gets_the_warm_connection_through_the_preload_library() 
     ];
     let (port, _) = program(function, dest, &passthrough);
     assert_ne!(port, warm_port);
-    assert_eq!(warm.stats().handed_out, 3);
+    assert_eq!(warm.stats().handed_out, 4);
 
     // No agent: the real connect, and the program does not notice.
     let absent = [
@@ -182,7 +208,7 @@ fn an_unmodified_program_gets_the_warm_connection_through_the_preload_library() 
     let (other, other_accepted) = line_server(&hosts[1], 18131);
     program(function, other, &preload);
     settle(&other_accepted, 1);
-    assert_eq!(warm.stats().handed_out, 3);
+    assert_eq!(warm.stats().handed_out, 4);
     drop(warm);
     assert!(!Path::new(&socket).exists());
 }
