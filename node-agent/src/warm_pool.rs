@@ -437,14 +437,14 @@ impl Shared {
     ) -> (WarmResponse, Option<TcpStream>) {
         const NOT_A_FUNCTION: &str = "the caller is not in an endpoint claimed on this node";
         match (request, tenant) {
-            (WarmRequest::Stats, _) => (
+            (WarmRequest::Stats {}, _) => (
                 WarmResponse {
                     stats: Some(self.stats()),
                     ..WarmResponse::ok()
                 },
                 None,
             ),
-            (WarmRequest::Put, _) => match fd {
+            (WarmRequest::Put {}, _) => match fd {
                 // Anyone may give back what it was lent; the inode says whether it was.
                 Some(fd) => (self.put(fd), None),
                 None => (
@@ -453,7 +453,7 @@ impl Shared {
                 ),
             },
             (_, None) => (WarmResponse::error(NOT_A_FUNCTION), None),
-            (WarmRequest::Destinations, Some(tenant)) => (
+            (WarmRequest::Destinations {}, Some(tenant)) => (
                 WarmResponse {
                     destinations: Some(self.allowed_destinations(tenant)),
                     ..WarmResponse::ok()

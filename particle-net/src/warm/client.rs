@@ -52,7 +52,7 @@ impl WarmClient {
 
     /// The pooled destinations this function's tenant may ask for.
     pub fn destinations(&mut self) -> Result<Vec<SocketAddr>, WarmError> {
-        let (r, _) = self.call(&WarmRequest::Destinations, None)?;
+        let (r, _) = self.call(&WarmRequest::Destinations {}, None)?;
         r.destinations
             .unwrap_or_default()
             .iter()
@@ -91,7 +91,7 @@ impl WarmClient {
     /// Gives a connection back. The agent pools it again only if it is clean
     /// (established, nothing unread or unacknowledged, no error).
     pub fn put(&mut self, conn: TcpStream) -> Result<PutOutcome, WarmError> {
-        let (r, _) = self.call(&WarmRequest::Put, Some(conn.as_fd()))?;
+        let (r, _) = self.call(&WarmRequest::Put {}, Some(conn.as_fd()))?;
         // The agent has its own copy now; ours goes.
         drop(conn);
         Ok(PutOutcome {
@@ -115,7 +115,7 @@ impl WarmClient {
     }
 
     pub fn stats(&mut self) -> Result<WarmStats, WarmError> {
-        let (r, _) = self.call(&WarmRequest::Stats, None)?;
+        let (r, _) = self.call(&WarmRequest::Stats {}, None)?;
         r.stats
             .ok_or_else(|| WarmError::Protocol("stats reply without stats".into()))
     }

@@ -20,11 +20,13 @@ pub const MAX_LINE: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WarmRequest {
-    Destinations,
+    // Empty struct variants, not unit ones: serde's deny_unknown_fields
+    // ignores unit variants of a tagged enum.
+    Destinations {},
     Get { dest: String },
-    Put,
+    Put {},
     Channel { peer: String, key: String },
-    Stats,
+    Stats {},
 }
 
 /// Every reply: `ok`, and the fields of the request's answer.
