@@ -115,3 +115,43 @@ pub fn peer_netns_inode(stream: &UnixStream) -> io::Result<u64> {
         .map_err(io::Error::from)?;
     Ok(std::fs::metadata(format!("/proc/{}/ns/net", cred.pid()))?.ino())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+
+    /// A connected pair on loopback (this agent's test port range).
+    fn pair(port: u16) -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    fn settle() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    #[test]
+    fn clean_unread_and_closed_connections_are_told_apart() {
+        let (c, mut s) = pair(18160);
+        assert_eq!(check_clean(c.as_fd()), Ok(()));
+        s.write_all(b"left over").unwrap();
+        settle();
+        assert_eq!(check_clean(c.as_fd()), Err(Dirty::Unread(9)));
+
+        let (c, s) = pair(18161);
+        drop(s);
+        settle();
+        // The peer's FIN moves us to CLOSE_WAIT.
+        assert!(matches!(check_clean(c.as_fd()), Err(Dirty::State(_))));
+
+        let (c, s) = pair(18162);
+        let ino = socket_inode(c.as_fd()).unwrap();
+        assert_ne!(ino, socket_inode(s.as_fd()).unwrap());
+        assert_eq!(ino, socket_inode(c.try_clone().unwrap().as_fd()).unwrap());
+    }
+}
