@@ -46,6 +46,71 @@ pub struct AgentSettings {
     /// The OCI runtime jobs may ask for; default: runc if installed.
     #[serde(default = "default_oci_runtime")]
     pub oci_runtime: Option<PathBuf>,
+    /// Serve warm connections on this Unix socket (off when unset).
+    #[serde(default)]
+    pub warm_socket: Option<PathBuf>,
+    /// Port of the agent-to-agent warm listener, on the underlay address.
+    #[serde(default = "default_warm_port")]
+    pub warm_port: u16,
+    /// Connections kept per destination, idle or lent.
+    #[serde(default = "default_warm_pool_size")]
+    pub warm_pool_size: usize,
+    /// External services to keep warm: `ADDR` (every tenant) or `ADDR=TENANT,TENANT`.
+    #[serde(default)]
+    pub warm_destinations: Vec<String>,
+    /// Keep-warm probe period on agent-to-agent connections, ms (0: none).
+    #[serde(default)]
+    pub warm_probe_ms: u64,
+}
+
+impl AgentSettings {
+    /// The warm-connection service's config, if `warm_socket` turns it on.
+    pub fn warm_config(&self) -> Result<Option<particle_node_agent::warm_pool::WarmConfig>> {
+        let Some(socket) = &self.warm_socket else {
+            return Ok(None);
+        };
+        let mut c = particle_node_agent::warm_pool::WarmConfig::new(socket.clone());
+        c.listen = Some(SocketAddr::from((self.underlay_ip, self.warm_port)));
+        c.pool_size = self.warm_pool_size.max(1);
+        c.max_idle = c.pool_size * 2;
+        c.destinations = self
+            .warm_destinations
+            .iter()
+            .map(|d| warm_destination(d))
+            .collect::<Result<_>>()?;
+        c.probe_every =
+            (self.warm_probe_ms > 0).then(|| std::time::Duration::from_millis(self.warm_probe_ms));
+        // The agent owns its node's namespace: an idle warm connection keeps its window.
+        c.slow_start_after_idle_off = true;
+        Ok(Some(c))
+    }
+}
+
+/// `ADDR` or `ADDR=TENANT,TENANT`.
+pub fn warm_destination(s: &str) -> Result<particle_node_agent::warm_pool::WarmDestination> {
+    let (addr, tenants) = match s.split_once('=') {
+        Some((a, t)) => (a, t.split(',').map(|t| t.trim().to_string()).collect()),
+        None => (
+            s,
+            vec![particle_node_agent::warm_pool::ANY_TENANT.to_string()],
+        ),
+    };
+    let addr = addr
+        .trim()
+        .parse()
+        .with_context(|| format!("warm destination {s:?}: expected ADDR:PORT[=TENANT,...]"))?;
+    if tenants.iter().any(String::is_empty) {
+        anyhow::bail!("warm destination {s:?}: empty tenant name");
+    }
+    Ok(particle_node_agent::warm_pool::WarmDestination { addr, tenants })
+}
+
+fn default_warm_port() -> u16 {
+    7702
+}
+
+fn default_warm_pool_size() -> usize {
+    4
 }
 
 fn default_controller_listen() -> SocketAddr {
@@ -132,6 +197,23 @@ mod tests {
         let c: ControllerSettings = merge("token_file: /t\n", &Flags { pool_size: None }).unwrap();
         assert_eq!(c.listen, default_controller_listen());
         assert_eq!(c.heartbeat_timeout, 3.0);
+    }
+
+    #[test]
+    fn warm_settings() {
+        let s: AgentSettings = merge(AGENT, &Flags { pool_size: None }).unwrap();
+        assert!(s.warm_config().unwrap().is_none());
+        let yaml = format!(
+            "{AGENT}warm_socket: /run/w.sock\nwarm_destinations: [\"10.0.0.9:80=a,b\", \"10.0.0.8:5432\"]\n"
+        );
+        let s: AgentSettings = merge(&yaml, &Flags { pool_size: None }).unwrap();
+        let w = s.warm_config().unwrap().unwrap();
+        assert_eq!(w.listen, Some("10.0.0.2:7702".parse().unwrap()));
+        assert_eq!(w.destinations[0].tenants, ["a", "b"]);
+        assert_eq!(w.destinations[1].tenants, ["*"]);
+        for bad in ["nowhere", "10.0.0.9:80=", "10.0.0.9:80=a,"] {
+            assert!(warm_destination(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -34,7 +34,7 @@ enum Command {
     Controller(ControllerArgs),
     /// The node agent: runs in its node's namespace, owns the node's tenant
     /// overlays and warm pools, follows the controller, serves the local API.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Sends one request to a node agent's local API and prints the answer,
     /// e.g. `particle local --socket S '{"op":"claim","tenant":"a"}'`.
     Local {
@@ -170,6 +170,26 @@ struct AgentArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     oci_runtime: Option<std::path::PathBuf>,
+    /// Serve warm connections on this Unix socket [default: off].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_socket: Option<std::path::PathBuf>,
+    /// Agent-to-agent warm listener port, on the underlay address [default: 7702].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_port: Option<u16>,
+    /// Warm connections kept per destination [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_pool_size: Option<usize>,
+    /// An external service to keep warm: ADDR:PORT or ADDR:PORT=TENANT,TENANT (repeatable).
+    #[arg(long = "warm-destination")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warm_destinations: Vec<String>,
+    /// Keep-warm probe period on agent-to-agent connections, ms [default: 0, none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warm_probe_ms: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +208,37 @@ enum Bench {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Warm connections: request latency (baseline / do-nothing preload / reuse) and flow completion times, new vs warm.
+    Reuse {
+        /// Requests per mode in the latency experiment.
+        #[arg(long, default_value_t = 500)]
+        runs: usize,
+        /// One-way delay of the emulated underlay, ms (a userspace delay line: no netem here).
+        #[arg(long, default_value_t = 0.5)]
+        delay_ms: f64,
+        /// Flows per size, kind and load in the flow experiment.
+        #[arg(long, default_value_t = 10)]
+        flow_runs: usize,
+        /// Underlay rate in Mbit/s (tbf each way); 0: unshaped.
+        #[arg(long, default_value_t = 1000)]
+        link_mbit: u32,
+        /// Write the latency CDF plot (SVG) here.
+        #[arg(long, default_value = "reuse-cdf.svg")]
+        plot: std::path::PathBuf,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The plain client process `bench reuse` runs (connect, request, read, close).
+    #[command(hide = true)]
+    ReuseClient {
+        #[arg(long)]
+        dest: std::net::SocketAddr,
+        #[arg(long)]
+        runs: usize,
+        #[arg(long, default_value_t = particle_bench::reuse::REQUEST_ANSWER)]
+        size: u64,
     },
 }
 
@@ -224,6 +275,34 @@ fn main() -> Result<()> {
                 anyhow::bail!("{} objects leaked", report.leaked);
             }
         }
+        Command::Bench {
+            bench:
+                Bench::Reuse {
+                    runs,
+                    delay_ms,
+                    flow_runs,
+                    link_mbit,
+                    plot,
+                    json,
+                },
+        } => {
+            let opts = particle_bench::reuse::Options {
+                runs,
+                delay_ms,
+                flow_runs,
+                link_mbit,
+                plot: Some(plot),
+            };
+            let report = particle_bench::reuse::run(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", particle_bench::reuse::render(&report));
+            }
+        }
+        Command::Bench {
+            bench: Bench::ReuseClient { dest, runs, size },
+        } => println!("{}", particle_bench::reuse::client(dest, runs, size)?),
         Command::Cluster {
             cluster:
                 ClusterCommand::Up {
@@ -262,7 +341,7 @@ fn main() -> Result<()> {
                 "the agent refused the request"
             );
         }
-        Command::Agent(args) => agent(args)?,
+        Command::Agent(args) => agent(*args)?,
         Command::Launch(args) => launch::launch(args)?,
         Command::Job { job } => launch::job(job)?,
         Command::Fn { args } => {
@@ -366,6 +445,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         heartbeat_every: std::time::Duration::from_secs(1),
         oci_runtime: args.oci_runtime.clone(),
     };
+    let warm = args.warm_config()?;
     let client =
         particle_node_agent::controller_client::ControllerClient::direct(args.controller, token);
     let metrics_addr = args
@@ -380,7 +460,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             metrics: Some(metrics),
         };
         let node = particle_net::NetNs::current()?;
-        particle_node_agent::daemon::run(config, node, client, listeners).await?;
+        particle_node_agent::daemon::run_with_warm(config, node, client, listeners, warm).await?;
         anyhow::Ok(())
     })?;
     Ok(())

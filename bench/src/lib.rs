@@ -3,5 +3,7 @@
 //! are noisy, so an absolute time alone proves nothing.
 
 pub mod baselines;
+pub mod delay_line;
 pub mod endpoints;
+pub mod reuse;
 pub mod stats;

@@ -13,6 +13,7 @@ use crate::controller_client::{ClientError, ControllerClient};
 use crate::jobs::{report_exits, LaunchSettings, NodeJobs};
 use crate::local_api::{self, Claims};
 use crate::node_state::{NodeConfig, NodeState};
+use crate::warm_pool::{WarmConfig, WarmService};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -41,8 +42,29 @@ pub async fn run(
     client: ControllerClient,
     listeners: Listeners,
 ) -> std::io::Result<()> {
+    run_with_warm(config, node, client, listeners, None).await
+}
+
+/// [`run`], also serving warm connections (`crate::warm_pool`) with `warm`;
+/// callers' tenants are those of the endpoints claimed through the local API.
+pub async fn run_with_warm(
+    config: AgentConfig,
+    node: NetNs,
+    client: ControllerClient,
+    listeners: Listeners,
+    warm: Option<WarmConfig>,
+) -> std::io::Result<()> {
     let state = NodeState::new(config.node.clone(), &node).map_err(std::io::Error::other)?;
     let claims = Arc::new(Claims::new(state.free_pool()));
+    // Stops (closing its connections) when the agent stops.
+    let _warm = match warm {
+        Some(w) => {
+            let claims = claims.clone();
+            let tenant_of = Arc::new(move |inode| claims.tenant_of_netns(inode));
+            Some(WarmService::start(w, &node, tenant_of).map_err(std::io::Error::other)?)
+        }
+        None => None,
+    };
     let listener = local_api::bind(&config.socket_path)?;
     let state = Arc::new(Mutex::new(state));
     let api_port = match &listeners.metrics {

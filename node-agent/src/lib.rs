@@ -12,5 +12,8 @@ pub mod launcher;
 pub mod local_api;
 pub mod metrics;
 pub mod node_state;
+pub mod warm_health;
+pub mod warm_peers;
+pub mod warm_pool;
 
 pub use node_state::{AgentError, NodeConfig, NodeState};

@@ -84,6 +84,9 @@ pub struct Claims {
     free: Option<Arc<FreePool>>,
     overlay: RwLock<BTreeMap<String, OverlayCounts>>,
     claimed: Mutex<HashMap<u64, PooledEndpoint>>,
+    /// Claimed endpoints' namespaces (nsfs inode) -> (endpoint id, tenant):
+    /// how the warm-connection service tells a caller's tenant.
+    claimed_netns: Mutex<HashMap<u64, (u64, String)>>,
     requests: AtomicU64,
     errors: AtomicU64,
 }
@@ -111,6 +114,15 @@ impl Claims {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The tenant of the claimed endpoint whose namespace has this inode.
+    pub fn tenant_of_netns(&self, inode: u64) -> Option<String> {
+        self.claimed_netns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&inode)
+            .map(|(_, tenant)| tenant.clone())
     }
 
     pub fn set_pools(&self, pools: BTreeMap<String, TenantClaim>) {
@@ -212,6 +224,12 @@ impl Claims {
                 };
                 match claim_from(&claim, self.free.as_deref()) {
                     Ok(ep) => {
+                        if let Ok(inode) = ep.netns().inode() {
+                            self.claimed_netns
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .insert(inode, (ep.id(), tenant.clone()));
+                        }
                         let endpoint = ClaimedEndpoint {
                             id: ep.id(),
                             tenant,
@@ -238,6 +256,10 @@ impl Claims {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&id);
+                self.claimed_netns
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .retain(|_, (claimed, _)| *claimed != id);
                 match ep {
                     // Dropping hands it to the pool's recycler, off this path.
                     Some(ep) => {

@@ -22,6 +22,7 @@ pub mod netns;
 pub mod overlay;
 pub mod pool;
 pub mod scratch;
+pub mod warm;
 
 pub use endpoint::{Endpoint, EndpointError, EndpointFactory, EndpointSpec, UnboundEndpoint};
 pub use ipam::{AddressBlock, IpamError, TenantSubnet};
