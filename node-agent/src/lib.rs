@@ -3,6 +3,7 @@
 //! heartbeats and follows the controller ([`daemon`], [`controller_client`]),
 //! and serves the local Unix-socket API ([`local_api`]) and `/metrics`.
 
+pub mod attachments;
 pub mod controller_client;
 pub mod daemon;
 pub mod free_pool;

@@ -119,9 +119,26 @@ pub fn attach(
 /// namespace as `eth0` (index 2), up, with its address and default route: the
 /// endpoint is then as it was built. If this fails the endpoint must be
 /// discarded.
-pub fn detach(endpoint: &Endpoint, target: &NetNs, ifname: &IfName) -> Result<(), AttachError> {
+///
+/// The link must still be the one attached (same MAC): a namespace path the
+/// runtime reused must not give away someone else's interface.
+pub fn detach(
+    endpoint: &Endpoint,
+    target: &NetNs,
+    attached: &AttachedInterface,
+) -> Result<(), AttachError> {
+    let ifname = &attached.name;
     let (mut inside, mut there) = sockets_in(endpoint.netns(), target)?;
-    let (index, _) = lookup(&mut there, ifname)?;
+    let (index, mac) = lookup(&mut there, ifname)?;
+    if mac != attached.mac {
+        return Err(AttachError::Mismatch {
+            name: ifname.to_string(),
+            problem: format!(
+                "is another link (MAC changed from {})",
+                attached.mac_string()
+            ),
+        });
+    }
     // Moved under its runtime name (nothing but `lo` can clash in the
     // endpoint), renamed there, where it arrives down.
     there.execute_all(&[Request::change(
@@ -142,8 +159,23 @@ pub fn detach(endpoint: &Endpoint, target: &NetNs, ifname: &IfName) -> Result<()
 
 /// Checks that `target` holds `ifname`, up, with `endpoint`'s address and a
 /// default route via its gateway (CNI's CHECK).
-pub fn verify(endpoint: &Endpoint, target: &NetNs, ifname: &IfName) -> Result<(), AttachError> {
+pub fn verify(
+    endpoint: &Endpoint,
+    target: &NetNs,
+    attached: &AttachedInterface,
+) -> Result<(), AttachError> {
+    let ifname = &attached.name;
     let mut there = NetlinkSocket::open_in(target)?;
+    let (_, mac) = lookup(&mut there, ifname)?;
+    if mac != attached.mac {
+        return Err(AttachError::Mismatch {
+            name: ifname.to_string(),
+            problem: format!(
+                "is another link (MAC changed from {})",
+                attached.mac_string()
+            ),
+        });
+    }
     let links = crate::endpoint::list_links(&mut there)?;
     let link = links
         .iter()

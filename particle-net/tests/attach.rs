@@ -50,7 +50,7 @@ fn an_interface_moves_into_a_runtime_namespace_and_back() {
     assert!(list_ipv4_addresses(&mut there)
         .unwrap()
         .contains(&(attached.index, a.address())));
-    attach::verify(&a, &runtime, &net1).unwrap();
+    attach::verify(&a, &runtime, &attached).unwrap();
     // Up, addressed and routed: the gateway (the node's bridge) and the other
     // endpoint answer from the runtime's namespace.
     assert!(pings(&runtime, a.gateway()));
@@ -67,7 +67,7 @@ fn an_interface_moves_into_a_runtime_namespace_and_back() {
         "still in its endpoint"
     );
 
-    attach::detach(&a, &runtime, &net1).unwrap();
+    attach::detach(&a, &runtime, &attached).unwrap();
     assert_eq!(link_names(&runtime), ["lo"]);
     assert!(
         a.is_clean().unwrap(),
@@ -78,11 +78,11 @@ fn an_interface_moves_into_a_runtime_namespace_and_back() {
 
     // Gone twice: a clear error, nothing changes.
     assert!(matches!(
-        attach::detach(&a, &runtime, &net1),
+        attach::detach(&a, &runtime, &attached),
         Err(AttachError::NoSuchInterface(_))
     ));
     assert!(matches!(
-        attach::verify(&a, &runtime, &net1),
+        attach::verify(&a, &runtime, &attached),
         Err(AttachError::NoSuchInterface(_))
     ));
 }
