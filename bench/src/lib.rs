@@ -2,6 +2,7 @@
 //! same run, on the same machine, and reports rates and ratios: these machines
 //! are noisy, so an absolute time alone proves nothing.
 
+pub mod agent_nodes;
 pub mod baselines;
 pub mod endpoints;
 pub mod stats;

@@ -41,11 +41,9 @@ pub enum AgentError {
 impl std::fmt::Display for AgentError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotRunning { socket, reason } => write!(
-                f,
-                "no Particle agent at {}: {reason}",
-                socket.display()
-            ),
+            Self::NotRunning { socket, reason } => {
+                write!(f, "no Particle agent at {}: {reason}", socket.display())
+            }
             Self::Io { socket, reason } => {
                 write!(f, "talking to the agent at {}: {reason}", socket.display())
             }
@@ -103,7 +101,11 @@ impl AgentClient {
         }
     }
 
-    fn field<T: serde::de::DeserializeOwned>(&self, answer: Value, key: &str) -> Result<T, AgentError> {
+    fn field<T: serde::de::DeserializeOwned>(
+        &self,
+        answer: Value,
+        key: &str,
+    ) -> Result<T, AgentError> {
         let value = answer.get(key).cloned().unwrap_or(Value::Null);
         serde_json::from_value(value).map_err(|e| AgentError::Io {
             socket: self.socket.clone(),

@@ -52,9 +52,7 @@ impl PluginConfig {
                 Some(other) => Err(Error::InvalidNetworkConfig(format!(
                     "{key:?} must be a non-empty string, not {other}"
                 ))),
-                None => Err(Error::InvalidNetworkConfig(format!(
-                    "{key:?} is required"
-                ))),
+                None => Err(Error::InvalidNetworkConfig(format!("{key:?} is required"))),
             }
         };
         let agent_socket = PathBuf::from(string(AGENT_SOCKET)?);
@@ -109,9 +107,21 @@ mod tests {
             (r#","tenant":"a""#, 7, "\"agentSocket\" is required"),
             (r#","tenant":"a","agentSocket":"rel.sock""#, 7, "absolute"),
             (r#","tenant":5,"agentSocket":"/s""#, 7, "non-empty string"),
-            (r#","tenant":"a","agentSocket":"/s","timeoutSeconds":0"#, 7, "positive"),
-            (r#","tenant":"a","agentSocket":"/s","bridge":"x""#, 2, "\"bridge\""),
-            (r#","tenant":"a","agentSocket":"/s","ipam":{"type":"host-local"}"#, 2, "ipam"),
+            (
+                r#","tenant":"a","agentSocket":"/s","timeoutSeconds":0"#,
+                7,
+                "positive",
+            ),
+            (
+                r#","tenant":"a","agentSocket":"/s","bridge":"x""#,
+                2,
+                "\"bridge\"",
+            ),
+            (
+                r#","tenant":"a","agentSocket":"/s","ipam":{"type":"host-local"}"#,
+                2,
+                "ipam",
+            ),
         ] {
             let err = PluginConfig::from_netconf(&conf(&format!("{{{base}{extra}}}"))).unwrap_err();
             assert_eq!(u32::from(&err), code, "{extra}: {err:?}");

@@ -77,7 +77,8 @@ pub fn result_for(
         .parse()
         .map_err(|_| bad("gateway", &attachment.gateway))?;
     let mut result = prev.cloned().unwrap_or_default();
-    let index = u32::try_from(result.interfaces.len()).map_err(|_| bad("interfaces", "too many"))?;
+    let index =
+        u32::try_from(result.interfaces.len()).map_err(|_| bad("interfaces", "too many"))?;
     result.interfaces.push(Interface {
         name: attachment.ifname.clone(),
         mac: attachment.mac.clone(),
@@ -145,18 +146,18 @@ impl Cni for ParticleCni {
             .check(&container_id, &ifname)
             .map_err(agent_error)?;
         // The runtime's cached result must still describe what is there.
-        let prev = args.config().prev_result.as_ref().ok_or_else(|| {
-            Error::InvalidNetworkConfig("CHECK needs prevResult".into())
-        })?;
+        let prev = args
+            .config()
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| Error::InvalidNetworkConfig("CHECK needs prevResult".into()))?;
         let expected: IpNet = attachment
             .address
             .parse()
             .map_err(|_| Error::InvalidNetworkConfig("malformed attachment address".into()))?;
         let listed = prev.interfaces.iter().position(|i| i.name == ifname);
         let addressed = prev.ips.iter().any(|ip| {
-            ip.address == expected
-                && ip.interface.map(|i| i as usize) == listed
-                && listed.is_some()
+            ip.address == expected && ip.interface.map(|i| i as usize) == listed && listed.is_some()
         });
         if !addressed {
             return Err(Error::Custom(
@@ -242,7 +243,11 @@ mod tests {
         let r = result_for(&attachment(), Some(&prev), None).unwrap();
         assert_eq!(r.interfaces.len(), 2);
         assert_eq!(r.interfaces[0].name, "eth0");
-        assert_eq!(r.ips[1].interface, Some(1), "our address names our interface");
+        assert_eq!(
+            r.ips[1].interface,
+            Some(1),
+            "our address names our interface"
+        );
         assert_eq!(r.routes.len(), 2);
         assert_eq!(r.dns, prev.dns, "kept when we configure none");
     }
