@@ -169,6 +169,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Per-ADD/DEL time of particle-cni vs the reference CNI bridge plugin, same run.
+    Cni {
+        /// ADDs (and DELs) per plugin.
+        #[arg(long, default_value_t = 100)]
+        adds: usize,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -202,6 +211,19 @@ fn main() -> Result<()> {
             }
             if report.leaked > 0 {
                 anyhow::bail!("{} objects leaked", report.leaked);
+            }
+        }
+        Command::Bench {
+            bench: Bench::Cni { adds, json },
+        } => {
+            let report = particle_bench::cni_add::run(adds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", particle_bench::cni_add::render(&report));
+            }
+            if report.leaked > 0 {
+                anyhow::bail!("{} links leaked", report.leaked);
             }
         }
         Command::Cluster {

@@ -4,5 +4,6 @@
 
 pub mod agent_nodes;
 pub mod baselines;
+pub mod cni_add;
 pub mod endpoints;
 pub mod stats;

@@ -106,3 +106,59 @@ fn an_interface_lent_to_a_namespace_that_dies_goes_with_it() {
     );
     assert!(!ep.is_clean().unwrap(), "the endpoint has no eth0 any more");
 }
+
+#[test]
+fn a_pair_plugged_into_a_runtime_namespace_reaches_the_tenant_and_unplugs_clean() {
+    use ipnetwork::Ipv4Network;
+    use particle_net::overlay::TenantNetwork;
+    use particle_net::scratch::ScratchNode;
+    use std::net::Ipv4Addr;
+
+    let mut t = scratch("10.225.3.0/24");
+    let prefix = t.run.prefix().clone();
+    let host = t.node.hosts(1).unwrap().pop().unwrap();
+    let mut node_socket = NetlinkSocket::open_in(host.netns()).unwrap();
+    let block: Ipv4Network = "10.225.64.0/24".parse().unwrap();
+    let net = TenantNetwork::create(
+        &mut node_socket,
+        &prefix,
+        ScratchNode::underlay_of(&host),
+        2250,
+        block,
+    )
+    .unwrap();
+    let mut binder = net.binder().unwrap();
+    let gateway = Ipv4Addr::new(10, 225, 64, 1);
+    let spec = |last: u8| EndpointSpec {
+        address: Ipv4Network::new(Ipv4Addr::new(10, 225, 64, last), 24).unwrap(),
+        gateway,
+    };
+    let (ns1, ns2) = (NetNs::create().unwrap(), NetNs::create().unwrap());
+    let eth0 = IfName::new("eth0").unwrap();
+    let (h1, h2) = (
+        attach::plug_host_name(&prefix).unwrap(),
+        attach::plug_host_name(&prefix).unwrap(),
+    );
+    let a = binder.plug(&ns1, &eth0, &h1, &spec(10)).unwrap();
+    let _b = binder.plug(&ns2, &eth0, &h2, &spec(11)).unwrap();
+    assert_eq!(link_names(&ns1), ["lo", "eth0"]);
+    attach::verify_spec(&spec(10), &ns1, &a).unwrap();
+    assert!(pings(&ns1, gateway), "the tenant bridge answers");
+    assert!(
+        pings(&ns1, Ipv4Addr::new(10, 225, 64, 11)),
+        "and the other container"
+    );
+
+    // A name clash in the runtime's namespace creates nothing.
+    let h3 = attach::plug_host_name(&prefix).unwrap();
+    assert!(binder.plug(&ns1, &eth0, &h3, &spec(12)).is_err());
+    assert_eq!(link_names(&ns1), ["lo", "eth0"]);
+
+    binder.unplug(&h1).unwrap();
+    assert_eq!(link_names(&ns1), ["lo"], "the peer went with the host end");
+    binder.unplug(&h1).unwrap(); // already gone: fine
+    assert!(matches!(
+        attach::verify_spec(&spec(10), &ns1, &a),
+        Err(AttachError::NoSuchInterface(_))
+    ));
+}
