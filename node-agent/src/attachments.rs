@@ -1,6 +1,12 @@
-//! Warm endpoints lent to container runtimes (the CNI plugin's ADD/DEL):
-//! a claimed endpoint's interface is moved into the namespace the runtime
-//! made, and moved back and returned to the pool on detach.
+//! Interfaces lent to container runtimes (the CNI plugin's ADD/DEL), two ways:
+//!
+//! - `plug` (the default): a veth pair made on the tenant's warm bridge with
+//!   its peer created straight in the runtime's namespace, addressed from the
+//!   tenant's warm block; deleted on detach and the address returned.
+//! - `move`: a claimed warm endpoint's interface moved into the runtime's
+//!   namespace, moved back and the endpoint returned to its pool on detach.
+//!   The kernel makes every namespace move wait for an RCU barrier (10-40 ms
+//!   here), which costs more than building the pair, so it is not the default.
 //!
 //! Attachments are keyed by container id + interface name, as CNI keys them.
 //! They live in this process only. If the agent dies, its tenant routers die
@@ -14,8 +20,31 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use particle_net::attach::{self, AttachError, AttachedInterface};
-use particle_net::{IfName, NetNs, PooledEndpoint};
+use particle_net::{EndpointSpec, IfName, NetNs, PooledEndpoint, RunPrefix};
 use serde::{Deserialize, Serialize};
+
+use crate::free_pool::{FreePool, TenantClaim};
+use crate::node_state::claim_from;
+
+/// How an interface is lent (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    #[default]
+    Plug,
+    Move,
+}
+
+/// One attach as the runtime asks for it.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachRequest<'a> {
+    pub network: &'a str,
+    pub tenant: &'a str,
+    pub container_id: &'a str,
+    pub ifname: &'a str,
+    pub netns: &'a str,
+    pub mode: AttachMode,
+}
 
 /// What the runtime is told of an attachment (the CNI result's substance).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +60,7 @@ pub struct Attachment {
     pub address: String,
     pub gateway: String,
     pub mac: String,
-    /// The endpoint lent out.
-    pub endpoint_id: u64,
+    pub mode: AttachMode,
 }
 
 /// An attachment the runtime says should exist (CNI GC's valid list).
@@ -65,16 +93,28 @@ pub enum AttachmentError {
     },
     #[error("bad interface name: {0}")]
     IfName(String),
+    #[error("{0}")]
+    NoEndpoint(String),
     #[error("network namespace {path}: {reason}")]
     Netns { path: String, reason: String },
     #[error(transparent)]
     Attach(#[from] AttachError),
 }
 
+/// What backs an attachment.
+enum Lent {
+    Moved(PooledEndpoint),
+    Plugged {
+        tenant: TenantClaim,
+        host: IfName,
+        spec: EndpointSpec,
+    },
+}
+
 struct Attached {
     info: Attachment,
     iface: AttachedInterface,
-    endpoint: PooledEndpoint,
+    lent: Lent,
 }
 
 enum Slot {
@@ -87,6 +127,8 @@ enum Slot {
 #[derive(Default)]
 pub struct Attachments {
     slots: Mutex<HashMap<AttachmentKey, Slot>>,
+    /// Names of plugged pairs carry the run's prefix.
+    prefix: Option<RunPrefix>,
 }
 
 fn key(container_id: &str, ifname: &str) -> AttachmentKey {
@@ -104,6 +146,13 @@ fn open_netns(path: &str) -> Result<NetNs, AttachmentError> {
 }
 
 impl Attachments {
+    pub fn new(prefix: RunPrefix) -> Self {
+        Self {
+            slots: Mutex::default(),
+            prefix: Some(prefix),
+        }
+    }
+
     fn slots(&self) -> MutexGuard<'_, HashMap<AttachmentKey, Slot>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -120,32 +169,30 @@ impl Attachments {
         self.len() == 0
     }
 
-    /// Lends an endpoint from `claim` to the namespace at `netns` as `ifname`.
-    /// The same container and interface again (a runtime retrying ADD) gets
-    /// the attachment it already has. A failed attach destroys the endpoint.
+    /// Lends an interface of `tenant` (its warm pool and bridge) to the
+    /// namespace at `req.netns` as `req.ifname`. The same container and
+    /// interface again (a runtime retrying ADD) gets the attachment it has.
+    /// A failed attach leaves nothing (a moved endpoint is destroyed).
     pub fn attach(
         &self,
-        network: &str,
-        tenant: &str,
-        container_id: &str,
-        ifname: &str,
-        netns: &str,
-        claim: impl FnOnce() -> Result<PooledEndpoint, String>,
-    ) -> Result<Result<Attachment, String>, AttachmentError> {
-        let k = key(container_id, ifname);
-        let name = IfName::new(ifname).map_err(|e| AttachmentError::IfName(e.to_string()))?;
+        req: &AttachRequest,
+        tenant: Result<TenantClaim, String>,
+        free: Option<&FreePool>,
+    ) -> Result<Attachment, AttachmentError> {
+        let k = key(req.container_id, req.ifname);
+        let name = IfName::new(req.ifname).map_err(|e| AttachmentError::IfName(e.to_string()))?;
         {
             let mut slots = self.slots();
             match slots.get(&k) {
-                Some(Slot::Attached(a)) if a.info.tenant == tenant => {
-                    return Ok(Ok(a.info.clone()))
+                Some(Slot::Attached(a)) if a.info.tenant == req.tenant => {
+                    return Ok(a.info.clone())
                 }
                 Some(Slot::Attached(a)) => {
                     return Err(AttachmentError::OtherTenant {
                         container_id: k.container_id,
                         ifname: k.ifname,
                         tenant: a.info.tenant.clone(),
-                        wanted: tenant.to_string(),
+                        wanted: req.tenant.to_string(),
                     })
                 }
                 Some(Slot::Pending) => {
@@ -159,17 +206,15 @@ impl Attachments {
                 }
             }
         }
-        let done = self.attach_unlocked(network, tenant, &k, &name, netns, claim);
+        let done = tenant
+            .map_err(AttachmentError::NoEndpoint)
+            .and_then(|t| self.attach_unlocked(req, &name, t, free));
         let mut slots = self.slots();
         match done {
-            Ok(Ok(attached)) => {
+            Ok(attached) => {
                 let info = attached.info.clone();
                 slots.insert(k, Slot::Attached(Box::new(attached)));
-                Ok(Ok(info))
-            }
-            Ok(Err(e)) => {
-                slots.remove(&k);
-                Ok(Err(e))
+                Ok(info)
             }
             Err(e) => {
                 slots.remove(&k);
@@ -178,43 +223,72 @@ impl Attachments {
         }
     }
 
-    /// The kernel work of an attach, with no lock held. The inner `Err` is
-    /// a failed claim (no endpoint to give), the outer a failed attach.
+    /// The kernel work of an attach, with no lock of the table held.
     fn attach_unlocked(
         &self,
-        network: &str,
-        tenant: &str,
-        k: &AttachmentKey,
+        req: &AttachRequest,
         name: &IfName,
-        netns: &str,
-        claim: impl FnOnce() -> Result<PooledEndpoint, String>,
-    ) -> Result<Result<Attached, String>, AttachmentError> {
-        let target = open_netns(netns)?;
-        let endpoint = match claim() {
-            Ok(ep) => ep,
-            Err(e) => return Ok(Err(e)),
-        };
-        match attach::attach(&endpoint, &target, name) {
-            Ok(iface) => Ok(Ok(Attached {
-                info: Attachment {
-                    container_id: k.container_id.clone(),
-                    ifname: k.ifname.clone(),
-                    network: network.to_string(),
-                    tenant: tenant.to_string(),
-                    netns: netns.to_string(),
-                    address: endpoint.address().to_string(),
-                    gateway: endpoint.gateway().to_string(),
-                    mac: iface.mac_string(),
-                    endpoint_id: endpoint.id(),
-                },
-                iface,
-                endpoint,
-            })),
-            Err(e) => {
-                endpoint.discard();
-                Err(e.into())
+        tenant: TenantClaim,
+        free: Option<&FreePool>,
+    ) -> Result<Attached, AttachmentError> {
+        let target = open_netns(req.netns)?;
+        let (spec, iface, lent) = match req.mode {
+            AttachMode::Move => {
+                let endpoint = claim_from(&tenant, free).map_err(AttachmentError::NoEndpoint)?;
+                match attach::attach(&endpoint, &target, name) {
+                    Ok(iface) => {
+                        let spec = EndpointSpec {
+                            address: endpoint.address(),
+                            gateway: endpoint.gateway(),
+                        };
+                        (spec, iface, Lent::Moved(endpoint))
+                    }
+                    Err(e) => {
+                        endpoint.discard();
+                        return Err(e.into());
+                    }
+                }
             }
-        }
+            AttachMode::Plug => {
+                let prefix = self.prefix.as_ref().ok_or_else(|| {
+                    AttachmentError::NoEndpoint("this agent has no run prefix to name pairs".into())
+                })?;
+                let host = attach::plug_host_name(prefix).map_err(AttachError::from)?;
+                let spec = tenant.pool.allocate_spec().ok_or_else(|| {
+                    AttachmentError::NoEndpoint(format!(
+                        "tenant {}'s address block on this node is full",
+                        req.tenant
+                    ))
+                })?;
+                let plugged = tenant
+                    .binder
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .plug(&target, name, &host, &spec);
+                match plugged {
+                    Ok(iface) => (spec, iface, Lent::Plugged { tenant, host, spec }),
+                    Err(e) => {
+                        tenant.pool.release_spec(spec);
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        Ok(Attached {
+            info: Attachment {
+                container_id: req.container_id.to_string(),
+                ifname: req.ifname.to_string(),
+                network: req.network.to_string(),
+                tenant: req.tenant.to_string(),
+                netns: req.netns.to_string(),
+                address: spec.address.to_string(),
+                gateway: spec.gateway.to_string(),
+                mac: iface.mac_string(),
+                mode: req.mode,
+            },
+            iface,
+            lent,
+        })
     }
 
     /// Takes the interface back and returns the endpoint to its pool (the
@@ -238,19 +312,36 @@ impl Attachments {
                 Some(Slot::Attached(a)) => a,
             }
         };
-        let back = open_netns(&attached.info.netns).and_then(|target| {
-            attach::detach(&attached.endpoint, &target, &attached.iface).map_err(Into::into)
-        });
-        match back {
-            // Dropping hands it to the pool's recycler, off this path.
-            Ok(()) => drop(attached),
-            Err(e) => {
-                tracing::info!(
-                    container = container_id,
-                    ifname,
-                    "interface not taken back ({e}); destroying its endpoint"
-                );
-                attached.endpoint.discard();
+        let attached = *attached;
+        match attached.lent {
+            Lent::Moved(endpoint) => {
+                let back = open_netns(&attached.info.netns).and_then(|target| {
+                    attach::detach(&endpoint, &target, &attached.iface).map_err(Into::into)
+                });
+                match back {
+                    // Dropping hands it to the pool's recycler, off this path.
+                    Ok(()) => drop(endpoint),
+                    Err(e) => {
+                        tracing::info!(
+                            container = container_id,
+                            ifname,
+                            "interface not taken back ({e}); destroying its endpoint"
+                        );
+                        endpoint.discard();
+                    }
+                }
+            }
+            Lent::Plugged { tenant, host, spec } => {
+                let unplugged = tenant
+                    .binder
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .unplug(&host);
+                match unplugged {
+                    Ok(()) => tenant.pool.release_spec(spec),
+                    // The address stays taken rather than risk a duplicate.
+                    Err(e) => tracing::warn!("deleting {host}: {e}"),
+                }
             }
         }
         Ok(true)
@@ -261,9 +352,13 @@ impl Attachments {
         let k = key(container_id, ifname);
         let slots = self.slots();
         match slots.get(&k) {
+            // Reads the kernel under the table's lock: CHECK is rare and quick.
             Some(Slot::Attached(a)) => {
                 let target = open_netns(&a.info.netns)?;
-                attach::verify(&a.endpoint, &target, &a.iface)?;
+                match &a.lent {
+                    Lent::Moved(endpoint) => attach::verify(endpoint, &target, &a.iface)?,
+                    Lent::Plugged { spec, .. } => attach::verify_spec(spec, &target, &a.iface)?,
+                }
                 Ok(a.info.clone())
             }
             Some(Slot::Pending) => Err(AttachmentError::Busy {

@@ -37,7 +37,8 @@ pub async fn run(
     listeners: Listeners,
 ) -> std::io::Result<()> {
     let state = NodeState::new(config.node.clone(), &node).map_err(std::io::Error::other)?;
-    let claims = Arc::new(Claims::new(state.free_pool()));
+    let claims =
+        Arc::new(Claims::new(state.free_pool()).with_run_prefix(config.node.prefix.clone()));
     let listener = local_api::bind(&config.socket_path)?;
     let state = Arc::new(Mutex::new(state));
     let register = RegisterNode {

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use particle_controller::api::PoolLevel;
 use particle_net::overlay::OverlayCounts;
-use particle_net::{PoolStats, PooledEndpoint};
+use particle_net::{PoolStats, PooledEndpoint, RunPrefix};
 
-use crate::attachments::{Attachment, AttachmentKey, Attachments};
+use crate::attachments::{AttachMode, AttachRequest, Attachment, AttachmentKey, Attachments};
 use crate::free_pool::{FreePool, TenantClaim};
 use crate::node_state::claim_from;
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,9 @@ pub enum LocalRequest {
         container_id: String,
         ifname: String,
         netns: String,
+        /// `plug` (default) or `move`; see [`crate::attachments`].
+        #[serde(default)]
+        mode: AttachMode,
     },
     Detach {
         container_id: String,
@@ -149,6 +152,13 @@ impl Claims {
         }
     }
 
+    /// Names what runtimes are lent with the run's prefix (without one,
+    /// only `move` attaches work).
+    pub fn with_run_prefix(mut self, prefix: RunPrefix) -> Self {
+        self.attachments = Attachments::new(prefix);
+        self
+    }
+
     /// The tenant-free pool's level and how many it bound, if there is one.
     pub fn free_stats(&self) -> Option<(usize, u64)> {
         self.free.as_ref().map(|f| (f.level(), f.bound()))
@@ -231,21 +241,34 @@ impl Claims {
                 container_id,
                 ifname,
                 netns,
-            } => match self.attachments.attach(
-                &network,
-                &tenant,
-                &container_id,
-                &ifname,
-                &netns,
-                || self.claim_endpoint(&tenant),
-            ) {
-                Ok(Ok(attachment)) => LocalResponse::Attached {
-                    ok: true,
-                    attachment,
-                },
-                Ok(Err(e)) => LocalResponse::error(e),
-                Err(e) => LocalResponse::error(e.to_string()),
-            },
+                mode,
+            } => {
+                let claim = self
+                    .pools
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&tenant)
+                    .cloned()
+                    .ok_or_else(|| format!("tenant {tenant:?} has no network on this node"));
+                let request = AttachRequest {
+                    network: &network,
+                    tenant: &tenant,
+                    container_id: &container_id,
+                    ifname: &ifname,
+                    netns: &netns,
+                    mode,
+                };
+                match self
+                    .attachments
+                    .attach(&request, claim, self.free.as_deref())
+                {
+                    Ok(attachment) => LocalResponse::Attached {
+                        ok: true,
+                        attachment,
+                    },
+                    Err(e) => LocalResponse::error(e.to_string()),
+                }
+            }
             LocalRequest::Detach {
                 container_id,
                 ifname,
@@ -432,6 +455,7 @@ mod tests {
                 container_id: "c".into(),
                 ifname: "eth0".into(),
                 netns: "/run/netns/x".into(),
+                mode: AttachMode::Plug,
             })
         );
         assert_eq!(
@@ -484,6 +508,7 @@ mod tests {
             container_id: "c".into(),
             ifname: "eth0".into(),
             netns: "/proc/self/ns/net".into(),
+            mode: AttachMode::Move,
         });
         assert!(
             matches!(&r, LocalResponse::Error { error, .. } if error.contains("\"zz\"")),

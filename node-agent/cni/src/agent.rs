@@ -115,15 +115,15 @@ impl AgentClient {
 
     pub fn attach(
         &self,
-        network: &str,
-        tenant: &str,
+        config: &crate::config::PluginConfig,
         container_id: &str,
         ifname: &str,
         netns: &str,
     ) -> Result<Attachment, AgentError> {
         let answer = self.call(&json!({
-            "op": "attach", "network": network, "tenant": tenant,
+            "op": "attach", "network": config.network, "tenant": config.tenant,
             "container_id": container_id, "ifname": ifname, "netns": netns,
+            "mode": config.attach_mode,
         }))?;
         self.field(answer, "attachment")
     }

@@ -13,6 +13,10 @@ pub const AGENT_SOCKET: &str = "agentSocket";
 pub const TENANT: &str = "tenant";
 /// Seconds to wait for the agent's answer (default 10).
 pub const TIMEOUT: &str = "timeoutSeconds";
+/// `"plug"` (default: a pair made on the tenant's warm bridge straight into
+/// the container's namespace) or `"move"` (a warm endpoint's own interface
+/// moved in; the kernel's namespace move costs an RCU barrier).
+pub const ATTACH_MODE: &str = "attachMode";
 
 const DEFAULT_TIMEOUT_SECONDS: u64 = 10;
 
@@ -22,6 +26,8 @@ pub struct PluginConfig {
     pub tenant: String,
     pub agent_socket: PathBuf,
     pub timeout: std::time::Duration,
+    /// `plug` or `move`, as the agent's local API spells it.
+    pub attach_mode: String,
 }
 
 impl PluginConfig {
@@ -29,10 +35,10 @@ impl PluginConfig {
         if let Some(key) = conf
             .custom
             .keys()
-            .find(|k| ![AGENT_SOCKET, TENANT, TIMEOUT].contains(&k.as_str()))
+            .find(|k| ![AGENT_SOCKET, TENANT, TIMEOUT, ATTACH_MODE].contains(&k.as_str()))
         {
             return Err(Error::UnsupportedNetworkConfiguration(format!(
-                "unknown key {key:?}; particle-cni understands {AGENT_SOCKET:?}, {TENANT:?} and {TIMEOUT:?}"
+                "unknown key {key:?}; particle-cni understands {AGENT_SOCKET:?}, {TENANT:?}, {TIMEOUT:?} and {ATTACH_MODE:?}"
             )));
         }
         if conf.ipam.is_some() {
@@ -70,7 +76,17 @@ impl PluginConfig {
                 ))
             })?,
         };
+        let attach_mode = match conf.custom.get(ATTACH_MODE) {
+            None => "plug".to_string(),
+            Some(serde_json::Value::String(m)) if m == "plug" || m == "move" => m.clone(),
+            Some(other) => {
+                return Err(Error::InvalidNetworkConfig(format!(
+                    "{ATTACH_MODE:?} must be \"plug\" or \"move\", not {other}"
+                )))
+            }
+        };
         Ok(Self {
+            attach_mode,
             network: conf.name.clone(),
             tenant: string(TENANT)?,
             agent_socket,
@@ -97,6 +113,7 @@ mod tests {
         assert_eq!(c.network, "n");
         assert_eq!(c.agent_socket, PathBuf::from("/run/p.sock"));
         assert_eq!(c.timeout.as_secs(), 10);
+        assert_eq!(c.attach_mode, "plug");
     }
 
     #[test]
@@ -111,6 +128,11 @@ mod tests {
                 r#","tenant":"a","agentSocket":"/s","timeoutSeconds":0"#,
                 7,
                 "positive",
+            ),
+            (
+                r#","tenant":"a","agentSocket":"/s","attachMode":"teleport""#,
+                7,
+                "\"plug\" or \"move\"",
             ),
             (
                 r#","tenant":"a","agentSocket":"/s","bridge":"x""#,

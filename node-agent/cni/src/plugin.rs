@@ -112,13 +112,7 @@ impl Cni for ParticleCni {
         let config = PluginConfig::from_netconf(args.config())?;
         let (container_id, ifname, netns) = identity(&args, true)?;
         let attachment = client(&config)
-            .attach(
-                &config.network,
-                &config.tenant,
-                &container_id,
-                &ifname,
-                &netns,
-            )
+            .attach(&config, &container_id, &ifname, &netns)
             .map_err(agent_error)?;
         result_for(
             &attachment,

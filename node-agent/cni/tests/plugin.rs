@@ -117,13 +117,19 @@ fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
     let tuning_dir = std::env::temp_dir().join(format!("{}-tuning", run.prefix()));
 
     // particle-cni then the reference `tuning` plugin, which works on the
-    // interface particle-cni reported (chaining through prevResult).
+    // interface particle-cni reported (chaining through prevResult). Node 0
+    // plugs a pair onto the tenant's bridge (the default), node 1 moves a
+    // warm endpoint's own interface in.
     let list = |node: usize| {
+        let mut particle = conf("", nodes.socket(node), "a", "1.0.0");
+        if node == 1 {
+            particle["attachMode"] = json!("move");
+        }
         ConfList::new(
             json!({
                 "cniVersion": "1.0.0", "name": format!("particle-n{node}"),
                 "plugins": [
-                    conf("", nodes.socket(node), "a", "1.0.0"),
+                    particle,
                     { "type": "tuning", "mtu": 1400, "dataDir": tuning_dir }
                 ]
             }),
@@ -285,16 +291,13 @@ fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
     // CHECK of what is gone fails.
     assert!(list(0).check(None, &c0, &r0).is_err());
 
-    // Nothing left behind: every endpoint came back clean and the pools are
-    // full again, with no extra endpoint built to replace one.
+    // Nothing left behind: the plugged pairs are gone with their peers (the
+    // namespaces hold only lo); the moved endpoint came back clean and its
+    // pool is full again. Plugging claims no endpoint at all.
     nodes.wait_ready("a", 4, Duration::from_secs(10)).unwrap();
-    for i in 0..2 {
+    for (i, claimed) in [(0, 0), (1, 1)] {
         let status = nodes.request(i, &json!({"op":"status"})).unwrap();
-        assert_eq!(
-            status["pools"]["a"]["claimed"],
-            json!(if i == 0 { 2 } else { 1 }),
-            "{status}"
-        );
+        assert_eq!(status["pools"]["a"]["claimed"], claimed, "{status}");
     }
     let _ = std::fs::remove_dir_all(&tuning_dir);
 }

@@ -119,10 +119,12 @@ runtime = "runc"
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
-    fn network(&self, name: &str, socket: &Path) {
+    fn network(&self, name: &str, socket: &Path, mode: &str) {
         let conflist = json!({
             "cniVersion": "1.0.0", "name": name,
-            "plugins": [{ "type": "particle-cni", "tenant": "a", "agentSocket": socket }]
+            "plugins": [{
+                "type": "particle-cni", "tenant": "a", "agentSocket": socket, "attachMode": mode
+            }]
         });
         std::fs::write(
             self.dir.join("net.d").join(format!("{name}.conflist")),
@@ -204,8 +206,9 @@ fn podman_containers_on_two_nodes_reach_each_other_over_particle() {
         &std::env::temp_dir().join(format!("{}-podman", run.prefix())),
         &plugin_dir,
     );
-    podman.network("particle-n0", nodes.socket(0));
-    podman.network("particle-n1", nodes.socket(1));
+    // Both ways of lending an interface, one per node.
+    podman.network("particle-n0", nodes.socket(0), "plug");
+    podman.network("particle-n1", nodes.socket(1), "move");
     podman.import_busybox();
 
     let image = "localhost/particle-busybox";
@@ -231,9 +234,10 @@ fn podman_containers_on_two_nodes_reach_each_other_over_particle() {
     for (from, to) in [("c0", &a1), ("c1", &a0)] {
         podman.run(&["exec", from, "ping", "-c", "1", "-W", "2", to]);
     }
-    for i in 0..2 {
+    // Node 1 lent a warm endpoint; node 0 plugged a pair on the warm bridge.
+    for (i, claimed) in [(0, 0), (1, 1)] {
         let status = nodes.request(i, &json!({"op":"status"})).unwrap();
-        assert_eq!(status["pools"]["a"]["claimed"], 1, "{status}");
+        assert_eq!(status["pools"]["a"]["claimed"], claimed, "{status}");
     }
 
     // Removing the containers runs CNI DEL: the interfaces go back to their
