@@ -28,6 +28,9 @@ use crate::baselines::cni::{
 use crate::stats::percentile;
 
 pub const PARTICLE_CNI: &str = "particle-cni";
+/// particle-cni with `"attachMode": "move"`: a warm endpoint's own interface
+/// moved into the container's namespace.
+pub const PARTICLE_CNI_MOVE: &str = "particle-cni-move";
 pub const CNI_BRIDGE: &str = "cni-bridge";
 
 /// The tenant the benchmark's containers join.
@@ -48,7 +51,7 @@ pub struct SystemTimes {
 #[derive(Debug, Clone, Serialize)]
 pub struct CniAddReport {
     pub adds: usize,
-    /// `particle-cni` and `cni-bridge`.
+    /// `particle-cni` (plug, the default), `particle-cni-move` and `cni-bridge`.
     pub systems: BTreeMap<String, SystemTimes>,
     /// cni-bridge ADD p50 / particle-cni ADD p50: how many times faster an
     /// ADD through the warm pool is.
@@ -64,7 +67,8 @@ pub struct CniTarget<'a> {
     /// The node's namespace; both plugins run inside it.
     pub node: &'a NetNs,
     pub agent_socket: &'a Path,
-    /// A tenant with a warm pool on that node of at least `adds` endpoints.
+    /// A tenant with a warm pool on that node of at least `adds` endpoints
+    /// (for `particle-cni-move`; the default mode claims none).
     pub tenant: &'a str,
     /// The directory holding the `particle-cni` binary.
     pub plugin_dir: &'a Path,
@@ -129,11 +133,18 @@ pub fn measure_adds(target: &CniTarget, adds: usize) -> Result<CniAddReport> {
         target.plugin_dir.to_path_buf(),
         PathBuf::from(REFERENCE_PLUGIN_DIR),
     ];
+    let mut moving = particle_config("bench-particle-move", target.tenant, target.agent_socket);
+    moving["attachMode"] = json!("move");
     let systems = [
         (
             PARTICLE_CNI,
             CniPlugin::find(PARTICLE_CNI, &search)?,
             particle_config("bench-particle", target.tenant, target.agent_socket),
+        ),
+        (
+            PARTICLE_CNI_MOVE,
+            CniPlugin::find(PARTICLE_CNI, &search)?,
+            moving,
         ),
         (
             CNI_BRIDGE,
@@ -148,9 +159,9 @@ pub fn measure_adds(target: &CniTarget, adds: usize) -> Result<CniAddReport> {
     ];
     let links_before = links_in(target.node)?;
 
-    let mut containers: Vec<Vec<(NetNs, Container)>> = vec![Vec::new(), Vec::new()];
-    let mut add_times: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
-    let mut del_times: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
+    let mut containers: Vec<Vec<(NetNs, Container)>> = systems.iter().map(|_| Vec::new()).collect();
+    let mut add_times: Vec<Vec<Duration>> = systems.iter().map(|_| Vec::new()).collect();
+    let mut del_times: Vec<Vec<Duration>> = systems.iter().map(|_| Vec::new()).collect();
     for i in 0..adds {
         for (s, (name, plugin, config)) in systems.iter().enumerate() {
             let netns = NetNs::create()?;
@@ -259,12 +270,12 @@ pub fn render(r: &CniAddReport) -> String {
         r.adds
     );
     out.push_str(&format!(
-        "{:<14}{:>14}{:>14}{:>14}{:>10}\n",
+        "{:<20}{:>14}{:>14}{:>14}{:>10}\n",
         "system", "ADD p50 ms", "ADD p99 ms", "DEL p50 ms", "ratio"
     ));
     for (name, s) in &r.systems {
         out.push_str(&format!(
-            "{:<14}{:>14.2}{:>14.2}{:>14.2}{:>9.2}x\n",
+            "{:<20}{:>14.2}{:>14.2}{:>14.2}{:>9.2}x\n",
             name, s.add_p50_ms, s.add_p99_ms, s.del_p50_ms, s.ratio
         ));
     }
