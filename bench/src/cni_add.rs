@@ -184,6 +184,8 @@ pub fn measure_adds(target: &CniTarget, adds: usize) -> Result<CniAddReport> {
             containers[s].push((netns, container));
         }
     }
+    // Index-driven on purpose: the systems take turns, one DEL each.
+    #[allow(clippy::needless_range_loop)]
     for i in 0..adds {
         for (s, (name, plugin, config)) in systems.iter().enumerate() {
             let (_, container) = &containers[s][i];

@@ -287,7 +287,8 @@ fn broken_copies_are_caught() {
     let (docs, conflist) = load();
     let find =
         |docs: &mut Vec<Value>, kind: &str| docs.iter().position(|d| d["kind"] == kind).unwrap();
-    let breakages: Vec<(&str, Box<dyn Fn(&mut Vec<Value>)>)> = vec![
+    type Breakage = Box<dyn Fn(&mut Vec<Value>)>;
+    let breakages: Vec<(&str, Breakage)> = vec![
         (
             "selector",
             Box::new(move |d: &mut Vec<Value>| {

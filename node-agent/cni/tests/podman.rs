@@ -141,7 +141,7 @@ runtime = "runc"
         for applet in ["sh", "sleep", "ping", "ip"] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
         }
-        let tar = Command::new("tar")
+        let mut tar = Command::new("tar")
             .arg("-C")
             .arg(&rootfs)
             .args(["-c", "."])
@@ -151,9 +151,10 @@ runtime = "runc"
         let out = self
             .cmd()
             .args(["import", "-", "localhost/particle-busybox"])
-            .stdin(tar.stdout.unwrap())
+            .stdin(tar.stdout.take().unwrap())
             .output()
             .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the rootfs failed");
         assert!(
             out.status.success(),
             "{}",
