@@ -28,6 +28,8 @@ pub struct TenantSpec {
     pub name: String,
     pub vni: u32,
     pub subnet: String,
+    /// Per-node block size (the controller's default is /24).
+    pub block_prefix: Option<u8>,
 }
 
 pub struct AgentNodes {
@@ -89,7 +91,7 @@ impl AgentNodes {
                 name: t.name.clone(),
                 vni: t.vni,
                 subnet: t.subnet.clone(),
-                block_prefix: None,
+                block_prefix: t.block_prefix,
             };
             let _: Tenant = runtime
                 .block_on(user.call(hyper::Method::POST, "/v1/tenants", Some(&body)))

@@ -243,6 +243,8 @@ pub fn run(adds: usize) -> Result<CniAddReport> {
         name: TENANT.into(),
         vni: 2320,
         subnet: TENANT_SUBNET.into(),
+        // Room for the warm pool and the plugged pairs: 4094 addresses.
+        block_prefix: Some(20),
     };
     let pool = PoolConfig {
         high_watermark: adds,

@@ -111,6 +111,7 @@ fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
         name: "a".into(),
         vni: 2260,
         subnet: "10.227.0.0/16".into(),
+        block_prefix: None,
     };
     let nodes = AgentNodes::start(&run, "10.226.0.0/24", 2, POOL, &[tenant]).unwrap();
     nodes.wait_ready("a", 4, Duration::from_secs(30)).unwrap();

@@ -190,6 +190,7 @@ fn podman_containers_on_two_nodes_reach_each_other_over_particle() {
         name: "a".into(),
         vni: 2280,
         subnet: "10.228.0.0/16".into(),
+        block_prefix: None,
     };
     let pool = PoolConfig {
         high_watermark: 2,
