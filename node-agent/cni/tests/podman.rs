@@ -58,7 +58,14 @@ fn host_network() -> String {
             &[]
         };
         if let Ok(o) = Command::new(tool).args(args).output() {
-            out.push_str(&String::from_utf8_lossy(&o.stdout));
+            // iptables-save's comment lines carry the time; its counters
+            // ([packets:bytes]) move with any traffic.
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                if !line.starts_with('#') {
+                    out.push_str(line.split(" [").next().unwrap_or(line));
+                    out.push('\n');
+                }
+            }
         }
     }
     out
