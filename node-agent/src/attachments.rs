@@ -260,11 +260,15 @@ impl Attachments {
                         req.tenant
                     ))
                 })?;
-                let plugged = tenant
-                    .binder
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .plug(&target, name, &host, &spec);
+                let plugged = particle_net::NetlinkSocket::open_in(&target)
+                    .map_err(AttachError::from)
+                    .and_then(|mut there| {
+                        tenant
+                            .binder
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .plug(&target, &mut there, name, &host, &spec)
+                    });
                 match plugged {
                     Ok(iface) => (spec, iface, Lent::Plugged { tenant, host, spec }),
                     Err(e) => {

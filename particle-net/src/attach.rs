@@ -319,21 +319,23 @@ impl TenantBinder {
     /// tenant's bridge in its router namespace, the peer created straight
     /// in `target` as `ifname` (one request, no namespace move), then up with
     /// `spec`'s address and default route there in one datagram. On failure
-    /// nothing is left (the pair is deleted).
+    /// nothing is left (the pair is deleted). `there` is a socket in
+    /// `target`, opened by the caller (it takes a thread, so callers open it
+    /// before taking whatever lock guards the binder).
     pub fn plug(
         &mut self,
         target: &NetNs,
+        there: &mut NetlinkSocket,
         ifname: &IfName,
         host: &IfName,
         spec: &EndpointSpec,
     ) -> Result<AttachedInterface, AttachError> {
-        let mut there = NetlinkSocket::open_in(target)?;
         let (_, router, bridge) = self.parts();
         router.execute_all(&[Request::create(
             format!("create veth {host} with {ifname} in the runtime's namespace"),
             messages::veth_pair(host, Some(bridge), ifname, target.as_raw_fd(), 0),
         )])?;
-        let configured = lookup(&mut there, ifname).and_then(|(index, mac)| {
+        let configured = lookup(there, ifname).and_then(|(index, mac)| {
             there.execute_all(&configure_requests(spec, index))?;
             Ok(AttachedInterface {
                 name: ifname.clone(),

@@ -139,8 +139,10 @@ fn a_pair_plugged_into_a_runtime_namespace_reaches_the_tenant_and_unplugs_clean(
         attach::plug_host_name(&prefix).unwrap(),
         attach::plug_host_name(&prefix).unwrap(),
     );
-    let a = binder.plug(&ns1, &eth0, &h1, &spec(10)).unwrap();
-    let _b = binder.plug(&ns2, &eth0, &h2, &spec(11)).unwrap();
+    let mut in1 = NetlinkSocket::open_in(&ns1).unwrap();
+    let mut in2 = NetlinkSocket::open_in(&ns2).unwrap();
+    let a = binder.plug(&ns1, &mut in1, &eth0, &h1, &spec(10)).unwrap();
+    let _b = binder.plug(&ns2, &mut in2, &eth0, &h2, &spec(11)).unwrap();
     assert_eq!(link_names(&ns1), ["lo", "eth0"]);
     attach::verify_spec(&spec(10), &ns1, &a).unwrap();
     assert!(pings(&ns1, gateway), "the tenant bridge answers");
@@ -151,7 +153,7 @@ fn a_pair_plugged_into_a_runtime_namespace_reaches_the_tenant_and_unplugs_clean(
 
     // A name clash in the runtime's namespace creates nothing.
     let h3 = attach::plug_host_name(&prefix).unwrap();
-    assert!(binder.plug(&ns1, &eth0, &h3, &spec(12)).is_err());
+    assert!(binder.plug(&ns1, &mut in1, &eth0, &h3, &spec(12)).is_err());
     assert_eq!(link_names(&ns1), ["lo", "eth0"]);
 
     binder.unplug(&h1).unwrap();
