@@ -103,6 +103,15 @@ fn code(command: &str, container: &Container, config: &Value) -> (u32, Value) {
     }
 }
 
+/// The tuning plugin's state directory, removed even when the test fails.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
     require_root();
@@ -115,7 +124,8 @@ fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
     };
     let nodes = AgentNodes::start(&run, "10.226.0.0/24", 2, POOL, &[tenant]).unwrap();
     nodes.wait_ready("a", 4, Duration::from_secs(30)).unwrap();
-    let tuning_dir = std::env::temp_dir().join(format!("{}-tuning", run.prefix()));
+    let tuning = TempDir(std::env::temp_dir().join(format!("{}-tuning", run.prefix())));
+    let tuning_dir = &tuning.0;
 
     // particle-cni then the reference `tuning` plugin, which works on the
     // interface particle-cni reported (chaining through prevResult). Node 0
@@ -300,5 +310,4 @@ fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
         let status = nodes.request(i, &json!({"op":"status"})).unwrap();
         assert_eq!(status["pools"]["a"]["claimed"], claimed, "{status}");
     }
-    let _ = std::fs::remove_dir_all(&tuning_dir);
 }
