@@ -230,6 +230,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Per-ADD/DEL time of particle-cni vs the reference CNI bridge plugin, same run.
+    Cni {
+        /// ADDs (and DELs) per plugin.
+        #[arg(long, default_value_t = 100)]
+        adds: usize,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// The plain client process `bench reuse` runs (connect, request, read, close).
     #[command(hide = true)]
     ReuseClient {
@@ -303,6 +312,19 @@ fn main() -> Result<()> {
         Command::Bench {
             bench: Bench::ReuseClient { dest, runs, size },
         } => println!("{}", particle_bench::reuse::client(dest, runs, size)?),
+        Command::Bench {
+            bench: Bench::Cni { adds, json },
+        } => {
+            let report = particle_bench::cni_add::run(adds)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", particle_bench::cni_add::render(&report));
+            }
+            if report.leaked > 0 {
+                anyhow::bail!("{} links leaked", report.leaked);
+            }
+        }
         Command::Cluster {
             cluster:
                 ClusterCommand::Up {

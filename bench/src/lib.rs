@@ -2,7 +2,9 @@
 //! same run, on the same machine, and reports rates and ratios: these machines
 //! are noisy, so an absolute time alone proves nothing.
 
+pub mod agent_nodes;
 pub mod baselines;
+pub mod cni_add;
 pub mod delay_line;
 pub mod endpoints;
 pub mod reuse;

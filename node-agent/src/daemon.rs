@@ -55,7 +55,8 @@ pub async fn run_with_warm(
     warm: Option<WarmConfig>,
 ) -> std::io::Result<()> {
     let state = NodeState::new(config.node.clone(), &node).map_err(std::io::Error::other)?;
-    let claims = Arc::new(Claims::new(state.free_pool()));
+    let claims =
+        Arc::new(Claims::new(state.free_pool()).with_run_prefix(config.node.prefix.clone()));
     // Stops (closing its connections) when the agent stops.
     let _warm = match warm {
         Some(w) => {

@@ -153,6 +153,8 @@ impl NodeJobs {
         for (rank, result) in req.ranks.iter().zip(claimed) {
             match result {
                 Ok((ep, cold)) => {
+                    // Its function may ask the agent for warm connections.
+                    self.claims.remember_netns(&ep, &req.tenant);
                     let address = ep.address().ip();
                     endpoints.push(ReservedEndpoint {
                         rank: *rank,
@@ -239,6 +241,7 @@ impl NodeJobs {
                     node_job.running += 1;
                     started.push(rank);
                     let jobs = self.clone();
+                    let claims = self.claims.clone();
                     let watch = FunctionWatch {
                         job: job.to_string(),
                         rank,
@@ -247,7 +250,7 @@ impl NodeJobs {
                             .then(|| self.settings.bundle_dir.join(&name)),
                     };
                     tokio::spawn(async move {
-                        let exit = watch.run(child, killed, endpoint).await;
+                        let exit = watch.run(child, killed, endpoint, &claims).await;
                         jobs.ended(exit);
                     });
                 }
@@ -350,6 +353,7 @@ impl FunctionWatch {
         mut child: tokio::process::Child,
         killed: oneshot::Receiver<()>,
         endpoint: PooledEndpoint,
+        claims: &Claims,
     ) -> FunctionExit {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -364,6 +368,7 @@ impl FunctionWatch {
         };
         // The function is gone (and its PID namespace with it): the endpoint
         // goes back to the pool, whose recycler checks it before reuse.
+        claims.forget_netns(&endpoint);
         drop(endpoint);
         if let Some(bundle) = &self.bundle {
             let _ = std::fs::remove_dir_all(bundle);

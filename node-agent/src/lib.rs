@@ -4,6 +4,7 @@
 //! and serves the local Unix-socket API ([`local_api`]) and `/metrics`.
 
 pub mod agent_api;
+pub mod attachments;
 pub mod controller_client;
 pub mod daemon;
 pub mod free_pool;

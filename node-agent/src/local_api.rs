@@ -6,6 +6,14 @@
 //! endpoint whose namespace is at `netns` (a path into the agent's fds, valid
 //! while the endpoint is claimed). `{"op":"release","id":7}` returns it;
 //! `{"op":"status"}` reports the pools. Every error is `{"ok":false,"error":"..."}`.
+//!
+//! For container runtimes (the CNI plugin, see [`crate::attachments`]):
+//! `{"op":"attach","network":"n","tenant":"a","container_id":"c","ifname":"eth0","netns":"/run/netns/x"}`
+//! → `{"ok":true,"attachment":{...}}`: a warm endpoint's interface moved into
+//! that namespace, addressed and routed; `{"op":"detach","container_id":"c","ifname":"eth0"}`
+//! → `{"ok":true,"found":bool}` (unknown ones succeed); `{"op":"check",...}` →
+//! the attachment if it is intact; `{"op":"gc","network":"n","valid":[{"container_id":"c","ifname":"eth0"}]}`
+//! → `{"ok":true,"detached":[...]}`, every other attachment of that network detached.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
@@ -16,8 +24,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use particle_controller::api::PoolLevel;
 use particle_net::overlay::OverlayCounts;
-use particle_net::{PoolStats, PooledEndpoint};
+use particle_net::{PoolStats, PooledEndpoint, RunPrefix};
 
+use crate::attachments::{AttachMode, AttachRequest, Attachment, AttachmentKey, Attachments};
 use crate::free_pool::{FreePool, TenantClaim};
 use crate::node_state::claim_from;
 use serde::{Deserialize, Serialize};
@@ -30,9 +39,46 @@ const MAX_LINE: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LocalRequest {
-    Claim { tenant: String },
-    Release { id: u64 },
+    Claim {
+        tenant: String,
+    },
+    Release {
+        id: u64,
+    },
     Status,
+    Attach {
+        network: String,
+        tenant: String,
+        container_id: String,
+        ifname: String,
+        netns: String,
+        /// `plug` (default) or `move`; see [`crate::attachments`].
+        #[serde(default)]
+        mode: AttachMode,
+    },
+    Detach {
+        container_id: String,
+        ifname: String,
+    },
+    Check {
+        container_id: String,
+        ifname: String,
+    },
+    Gc {
+        network: String,
+        valid: Vec<AttachmentKey>,
+    },
+}
+
+impl LocalRequest {
+    /// Whether answering it touches the kernel (and so must not run on the
+    /// async executor).
+    fn blocks(&self) -> bool {
+        matches!(
+            self,
+            Self::Attach { .. } | Self::Detach { .. } | Self::Check { .. } | Self::Gc { .. }
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +100,18 @@ pub enum LocalResponse {
     Status {
         ok: bool,
         pools: BTreeMap<String, PoolLevel>,
+    },
+    Attached {
+        ok: bool,
+        attachment: Attachment,
+    },
+    Detached {
+        ok: bool,
+        found: bool,
+    },
+    Collected {
+        ok: bool,
+        detached: Vec<AttachmentKey>,
     },
     Done {
         ok: bool,
@@ -87,6 +145,7 @@ pub struct Claims {
     /// Claimed endpoints' namespaces (nsfs inode) -> (endpoint id, tenant):
     /// how the warm-connection service tells a caller's tenant.
     claimed_netns: Mutex<HashMap<u64, (u64, String)>>,
+    attachments: Attachments,
     requests: AtomicU64,
     errors: AtomicU64,
 }
@@ -97,6 +156,13 @@ impl Claims {
             free,
             ..Self::default()
         }
+    }
+
+    /// Names what runtimes are lent with the run's prefix (without one,
+    /// only `move` attaches work).
+    pub fn with_run_prefix(mut self, prefix: RunPrefix) -> Self {
+        self.attachments = Attachments::new(prefix);
+        self
     }
 
     /// The tenant-free pool's level and how many it bound, if there is one.
@@ -114,6 +180,26 @@ impl Claims {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Records a claimed endpoint's namespace as its tenant's, for the
+    /// warm-connection service's tenant check.
+    pub fn remember_netns(&self, ep: &PooledEndpoint, tenant: &str) {
+        if let Ok(inode) = ep.netns().inode() {
+            self.claimed_netns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(inode, (ep.id(), tenant.to_string()));
+        }
+    }
+
+    /// Forgets a namespace recorded with [`Self::remember_netns`] (its endpoint is going back).
+    pub fn forget_netns(&self, ep: &PooledEndpoint) {
+        let id = ep.id();
+        self.claimed_netns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, (claimed, _)| *claimed != id);
     }
 
     /// The tenant of the claimed endpoint whose namespace has this inode.
@@ -208,48 +294,103 @@ impl Claims {
         response
     }
 
+    /// Endpoints lent to container runtimes.
+    pub fn attachments(&self) -> &Attachments {
+        &self.attachments
+    }
+
+    fn claim_endpoint(&self, tenant: &str) -> Result<PooledEndpoint, String> {
+        let claim = self
+            .pools
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tenant)
+            .cloned();
+        let Some(claim) = claim else {
+            return Err(format!("tenant {tenant:?} has no network on this node"));
+        };
+        claim_from(&claim, self.free.as_deref())
+    }
+
     fn answer(&self, request: LocalRequest) -> LocalResponse {
         match request {
-            LocalRequest::Claim { tenant } => {
+            LocalRequest::Attach {
+                network,
+                tenant,
+                container_id,
+                ifname,
+                netns,
+                mode,
+            } => {
                 let claim = self
                     .pools
                     .read()
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&tenant)
-                    .cloned();
-                let Some(claim) = claim else {
-                    return LocalResponse::error(format!(
-                        "tenant {tenant:?} has no network on this node"
-                    ));
+                    .cloned()
+                    .ok_or_else(|| format!("tenant {tenant:?} has no network on this node"));
+                let request = AttachRequest {
+                    network: &network,
+                    tenant: &tenant,
+                    container_id: &container_id,
+                    ifname: &ifname,
+                    netns: &netns,
+                    mode,
                 };
-                match claim_from(&claim, self.free.as_deref()) {
-                    Ok(ep) => {
-                        if let Ok(inode) = ep.netns().inode() {
-                            self.claimed_netns
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .insert(inode, (ep.id(), tenant.clone()));
-                        }
-                        let endpoint = ClaimedEndpoint {
-                            id: ep.id(),
-                            tenant,
-                            address: ep.address().to_string(),
-                            gateway: ep.gateway().to_string(),
-                            netns: format!(
-                                "/proc/{}/fd/{}",
-                                std::process::id(),
-                                ep.netns().as_raw_fd()
-                            ),
-                        };
-                        self.claimed
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert(ep.id(), ep);
-                        LocalResponse::Claimed { ok: true, endpoint }
-                    }
-                    Err(e) => LocalResponse::error(e),
+                match self
+                    .attachments
+                    .attach(&request, claim, self.free.as_deref())
+                {
+                    Ok(attachment) => LocalResponse::Attached {
+                        ok: true,
+                        attachment,
+                    },
+                    Err(e) => LocalResponse::error(e.to_string()),
                 }
             }
+            LocalRequest::Detach {
+                container_id,
+                ifname,
+            } => match self.attachments.detach(&container_id, &ifname) {
+                Ok(found) => LocalResponse::Detached { ok: true, found },
+                Err(e) => LocalResponse::error(e.to_string()),
+            },
+            LocalRequest::Check {
+                container_id,
+                ifname,
+            } => match self.attachments.check(&container_id, &ifname) {
+                Ok(attachment) => LocalResponse::Attached {
+                    ok: true,
+                    attachment,
+                },
+                Err(e) => LocalResponse::error(e.to_string()),
+            },
+            LocalRequest::Gc { network, valid } => LocalResponse::Collected {
+                ok: true,
+                detached: self.attachments.collect(&network, &valid),
+            },
+            LocalRequest::Claim { tenant } => match self.claim_endpoint(&tenant) {
+                Ok(ep) => {
+                    self.remember_netns(&ep, &tenant);
+                    let endpoint = ClaimedEndpoint {
+                        id: ep.id(),
+                        tenant,
+                        address: ep.address().to_string(),
+                        gateway: ep.gateway().to_string(),
+                        netns: format!(
+                            "/proc/{}/fd/{}",
+                            std::process::id(),
+                            ep.netns().as_raw_fd()
+                        ),
+                    };
+                    self.claimed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(ep.id(), ep);
+                    LocalResponse::Claimed { ok: true, endpoint }
+                }
+                Err(e) => LocalResponse::error(e),
+            },
             LocalRequest::Release { id } => {
                 let ep = self
                     .claimed
@@ -312,14 +453,14 @@ pub async fn serve(listener: UnixListener, claims: Arc<Claims>) -> std::io::Resu
         let (stream, _) = listener.accept().await?;
         let claims = claims.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &claims).await {
+            if let Err(e) = connection(stream, claims).await {
                 tracing::debug!("local API connection: {e}");
             }
         });
     }
 }
 
-async fn connection(stream: UnixStream, claims: &Claims) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, claims: Arc<Claims>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut line = String::new();
@@ -336,6 +477,12 @@ async fn connection(stream: UnixStream, claims: &Claims) -> std::io::Result<()> 
             LocalResponse::error(format!("request longer than {MAX_LINE} bytes"))
         } else {
             match parse_request(line.trim()) {
+                Ok(request) if request.blocks() => {
+                    let claims = claims.clone();
+                    tokio::task::spawn_blocking(move || claims.handle(request))
+                        .await
+                        .unwrap_or_else(|e| LocalResponse::error(format!("request failed: {e}")))
+                }
                 Ok(request) => claims.handle(request),
                 Err(e) => LocalResponse::error(e),
             }
@@ -378,6 +525,80 @@ mod tests {
             let err = parse_request(bad).unwrap_err();
             assert!(err.starts_with("malformed request"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn runtime_requests_parse_strictly() {
+        assert_eq!(
+            parse_request(
+                r#"{"op":"attach","network":"n","tenant":"a","container_id":"c","ifname":"eth0","netns":"/run/netns/x"}"#
+            ),
+            Ok(LocalRequest::Attach {
+                network: "n".into(),
+                tenant: "a".into(),
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/x".into(),
+                mode: AttachMode::Plug,
+            })
+        );
+        assert_eq!(
+            parse_request(
+                r#"{"op":"gc","network":"n","valid":[{"container_id":"c","ifname":"eth0"}]}"#
+            ),
+            Ok(LocalRequest::Gc {
+                network: "n".into(),
+                valid: vec![AttachmentKey {
+                    container_id: "c".into(),
+                    ifname: "eth0".into()
+                }],
+            })
+        );
+        for bad in [
+            r#"{"op":"attach","tenant":"a","container_id":"c","ifname":"eth0"}"#,
+            r#"{"op":"detach","container_id":"c"}"#,
+            r#"{"op":"gc","network":"n"}"#,
+        ] {
+            assert!(parse_request(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn runtime_requests_for_unknown_attachments() {
+        let claims = Claims::default();
+        // DEL of what was never attached succeeds (the CNI spec requires it).
+        assert_eq!(
+            claims.handle(LocalRequest::Detach {
+                container_id: "c".into(),
+                ifname: "eth0".into()
+            }),
+            LocalResponse::Detached {
+                ok: true,
+                found: false
+            }
+        );
+        let r = claims.handle(LocalRequest::Check {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+        });
+        assert!(
+            matches!(&r, LocalResponse::Error { error, .. } if error.contains("no attachment")),
+            "{r:?}"
+        );
+        // An unknown tenant is refused before any endpoint is touched.
+        let r = claims.handle(LocalRequest::Attach {
+            network: "n".into(),
+            tenant: "zz".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: "/proc/self/ns/net".into(),
+            mode: AttachMode::Move,
+        });
+        assert!(
+            matches!(&r, LocalResponse::Error { error, .. } if error.contains("\"zz\"")),
+            "{r:?}"
+        );
+        assert!(claims.attachments().is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! socket stays bound to the namespace it was opened in, and a tokio worker that
 //! switched namespaces could carry the switch into unrelated tasks.
 
+pub mod attach;
 pub mod bridge;
 pub mod endpoint;
 pub mod gc;

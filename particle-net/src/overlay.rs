@@ -308,6 +308,12 @@ pub struct TenantBinder {
 }
 
 impl TenantBinder {
+    /// The tenant router's namespace, a socket in it and its bridge's index
+    /// (for [`crate::attach`]).
+    pub(crate) fn parts(&mut self) -> (&NetNs, &mut NetlinkSocket, u32) {
+        (&self.netns, &mut self.socket, self.bridge)
+    }
+
     /// See [`UnboundEndpoint::bind`]; `home` is a socket in the namespace
     /// the endpoint was built in (the node's).
     pub fn bind(

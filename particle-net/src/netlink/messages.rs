@@ -216,6 +216,14 @@ pub fn set_up(index: u32) -> RouteNetlinkMessage {
     RouteNetlinkMessage::SetLink(msg)
 }
 
+/// Sets the link with this index down.
+pub fn set_down(index: u32) -> RouteNetlinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.header.change_mask = LinkFlags::Up;
+    RouteNetlinkMessage::SetLink(msg)
+}
+
 /// Attaches a link (by name) to a bridge and sets it up.
 pub fn attach_up(name: &IfName, master: u32) -> RouteNetlinkMessage {
     let mut msg = LinkMessage::default();

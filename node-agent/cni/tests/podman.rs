@@ -1,0 +1,266 @@
+//! Real containers through a real runtime: Podman (Debian 12's 4.3, its CNI
+//! backend, runc) runs two busybox containers, one on each of two namespaced
+//! nodes' Particle networks. Podman creates the containers' namespaces in the
+//! machine's namespace and runs particle-cni there; the plugin asks each
+//! node's agent, which moves a warm endpoint's interface in. The containers
+//! get overlay addresses and reach each other across the nodes; removing them
+//! (CNI DEL) leaves nothing behind, and the machine's own links, routes and
+//! firewall are as they were.
+//!
+//! Podman is pointed only at particle-cni: its own configuration, storage
+//! (vfs) and network config directory live in a temporary directory of this
+//! test, so no default podman/CNI network is created or used.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use particle_bench::agent_nodes::{AgentNodes, TenantSpec};
+use particle_net::{PoolConfig, Run};
+use serde_json::json;
+
+fn require_root_and_podman() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs Podman and creates network namespaces; run it as root (see README)"
+    );
+    assert!(
+        Command::new("podman")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+            && Path::new("/bin/busybox").exists(),
+        "podman and busybox-static are needed: run scripts/install-deps"
+    );
+}
+
+/// The machine's own network state, to prove the runtime left it alone.
+fn host_network() -> String {
+    let mut out = String::new();
+    for args in [
+        &["-o", "link", "show"][..],
+        &["-4", "route", "show", "table", "all"][..],
+        &["-6", "route", "show", "table", "all"][..],
+    ] {
+        let o = Command::new("ip").args(args).output().unwrap();
+        // Link counters and states flap with other tests' traffic; names and
+        // kinds are what matter.
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let fields: Vec<&str> = line.split_whitespace().take(2).collect();
+            out.push_str(&fields.join(" "));
+            out.push('\n');
+        }
+    }
+    for tool in ["iptables-save", "nft"] {
+        let args: &[&str] = if tool == "nft" {
+            &["list", "ruleset"]
+        } else {
+            &[]
+        };
+        if let Ok(o) = Command::new(tool).args(args).output() {
+            // iptables-save's comment lines carry the time; its counters
+            // ([packets:bytes]) move with any traffic.
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                if !line.starts_with('#') {
+                    out.push_str(line.split(" [").next().unwrap_or(line));
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new(dir: &Path, plugin_dir: &Path) -> Self {
+        std::fs::create_dir_all(dir.join("net.d")).unwrap();
+        std::fs::write(
+            dir.join("containers.conf"),
+            format!(
+                r#"[containers]
+# The VM's hard limits are below podman's defaults.
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{}"]
+network_config_dir = "{}"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+# crun refuses this VM's hybrid cgroup layout; runc runs.
+runtime = "runc"
+"#,
+                plugin_dir.display(),
+                dir.join("net.d").display()
+            ),
+        )
+        .unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("runroot"))
+            .args(["--storage-driver", "vfs"]);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "podman {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn network(&self, name: &str, socket: &Path, mode: &str) {
+        let conflist = json!({
+            "cniVersion": "1.0.0", "name": name,
+            "plugins": [{
+                "type": "particle-cni", "tenant": "a", "agentSocket": socket, "attachMode": mode
+            }]
+        });
+        std::fs::write(
+            self.dir.join("net.d").join(format!("{name}.conflist")),
+            serde_json::to_vec_pretty(&conflist).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// A local image from the static busybox: no registry involved.
+    fn import_busybox(&self) {
+        let rootfs = self.dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for applet in ["sh", "sleep", "ping", "ip"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args(["-c", "."])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = self
+            .cmd()
+            .args(["import", "-", "localhost/particle-busybox"])
+            .stdin(tar.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the rootfs failed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["rm", "-af", "-t", "0"]).output();
+        let _ = self.cmd().args(["system", "reset", "-f"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn address_in(podman: &Podman, container: &str) -> String {
+    let out = podman.run(&["exec", container, "ip", "-4", "-o", "addr", "show", "eth0"]);
+    let cidr = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no address in {out:?}"));
+    cidr.split('/').next().unwrap().to_string()
+}
+
+#[test]
+fn podman_containers_on_two_nodes_reach_each_other_over_particle() {
+    require_root_and_podman();
+    let before = host_network();
+    let run = Run::start().unwrap();
+    let tenant = TenantSpec {
+        name: "a".into(),
+        vni: 2280,
+        subnet: "10.228.0.0/16".into(),
+        block_prefix: None,
+    };
+    let pool = PoolConfig {
+        high_watermark: 2,
+        low_watermark: 1,
+        batch_size: 2,
+    };
+    let nodes = AgentNodes::start(&run, "10.229.0.0/24", 2, pool, &[tenant]).unwrap();
+    nodes.wait_ready("a", 2, Duration::from_secs(30)).unwrap();
+
+    let plugin_dir = PathBuf::from(env!("CARGO_BIN_EXE_particle-cni"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let podman = Podman::new(
+        &std::env::temp_dir().join(format!("{}-podman", run.prefix())),
+        &plugin_dir,
+    );
+    // Both ways of lending an interface, one per node.
+    podman.network("particle-n0", nodes.socket(0), "plug");
+    podman.network("particle-n1", nodes.socket(1), "move");
+    podman.import_busybox();
+
+    let image = "localhost/particle-busybox";
+    for (name, net) in [("c0", "particle-n0"), ("c1", "particle-n1")] {
+        podman.run(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net,
+            image,
+            "sleep",
+            "600",
+        ]);
+    }
+    let (a0, a1) = (address_in(&podman, "c0"), address_in(&podman, "c1"));
+    assert!(
+        a0.starts_with("10.228.") && a1.starts_with("10.228."),
+        "{a0} {a1}"
+    );
+    assert_ne!(a0, a1);
+    for (from, to) in [("c0", &a1), ("c1", &a0)] {
+        podman.run(&["exec", from, "ping", "-c", "1", "-W", "2", to]);
+    }
+    // Node 1 lent a warm endpoint; node 0 plugged a pair on the warm bridge.
+    for (i, claimed) in [(0, 0), (1, 1)] {
+        let status = nodes.request(i, &json!({"op":"status"})).unwrap();
+        assert_eq!(status["pools"]["a"]["claimed"], claimed, "{status}");
+    }
+
+    // Removing the containers runs CNI DEL: the interfaces go back to their
+    // endpoints and the endpoints back to the warm pools.
+    podman.run(&["rm", "-f", "-t", "0", "c0", "c1"]);
+    nodes.wait_ready("a", 2, Duration::from_secs(10)).unwrap();
+    let gone = nodes
+        .request(
+            0,
+            &json!({"op":"detach","container_id":"x","ifname":"eth0"}),
+        )
+        .unwrap();
+    assert_eq!(gone["found"], false);
+    drop(podman);
+    drop(nodes);
+    assert_eq!(before, host_network(), "the machine's own network changed");
+}
