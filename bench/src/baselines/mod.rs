@@ -1,3 +1,4 @@
 //! Real baselines: the tools operators use today, run as they run them.
 
+pub mod docker_swarm;
 pub mod ip;
