@@ -112,7 +112,7 @@ fn a_missing_function_binary_is_a_clear_reason_and_starts_nothing() {
     let run = Run::start().unwrap();
     let prefix = run.prefix().clone();
     let mut node =
-        ScratchNode::new(&prefix, AddressBlock::parse("10.236.0.0/24").unwrap()).unwrap();
+        ScratchNode::new(&prefix, AddressBlock::parse("10.235.1.0/24").unwrap()).unwrap();
     let hosts = node.hosts(1).unwrap();
     let before = HostState::capture(&prefix);
     let swarm_hosts = [SwarmHost {

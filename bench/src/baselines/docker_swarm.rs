@@ -22,7 +22,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -73,7 +73,7 @@ pub struct SwarmOptions {
     pub storage_driver: String,
     /// How long a dockerd may take to answer its API.
     pub daemon_start_timeout: Duration,
-    /// How long the functions of one launch may run.
+    /// How long the functions of one launch may run once all are launched.
     pub run_timeout: Duration,
     /// How long to wait for another swarm on this machine to finish.
     pub lock_timeout: Duration,
@@ -84,7 +84,7 @@ impl Default for SwarmOptions {
         Self {
             storage_driver: "overlay2".into(),
             daemon_start_timeout: Duration::from_secs(60),
-            run_timeout: Duration::from_secs(300),
+            run_timeout: Duration::from_secs(120),
             lock_timeout: Duration::from_secs(600),
         }
     }
@@ -204,6 +204,10 @@ impl Swarm {
         }
         let tools = Tools::find()?;
         let lock = lock(options.lock_timeout)?;
+        // Holding the lock, no other swarm is alive: whatever one left is stale.
+        for line in collect_stale_swarms() {
+            tracing::warn!("docker swarm gc: {line}");
+        }
         let root = Path::new("/run").join(prefix.as_str()).join("docker-swarm");
         // From here on, dropping `swarm` undoes whatever was done so far.
         let mut swarm = Swarm {
@@ -340,9 +344,14 @@ impl Swarm {
         };
 
         let start = Instant::now();
+        // One host failing stops the others launching more.
+        let failed = AtomicBool::new(false);
         let launched = parallel_ref(&self.daemons, |d| {
             let mut runs = Vec::new();
             for rank in ranks_of(d.host) {
+                if failed.load(Ordering::Relaxed) {
+                    break;
+                }
                 let env = FunctionEnv {
                     job: job.clone(),
                     rank,
@@ -364,7 +373,10 @@ impl Swarm {
                 args.extend(argv.iter().cloned());
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let t0 = Instant::now();
-                d.docker(&args)?;
+                if let Err(e) = d.docker(&args) {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
                 runs.push((rank, t0.elapsed(), start.elapsed()));
             }
             Ok::<_, DockerFailed>(runs)
@@ -372,7 +384,7 @@ impl Swarm {
         let launched: Vec<Vec<(usize, Duration, Duration)>> =
             launched.into_iter().collect::<Result<_, _>>()?;
 
-        let deadline = start + self.options.run_timeout;
+        let deadline = Instant::now() + self.options.run_timeout;
         let exits = parallel_ref(&self.daemons, |d| {
             let mine: Vec<&str> = ranks_of(d.host).map(|r| names[r].as_str()).collect();
             wait_all(d, &mine, deadline)
@@ -559,6 +571,56 @@ fn logs(d: &Daemon, name: &str) -> (String, String) {
         ),
         Err(e) => (String::new(), format!("docker logs {name}: {e}")),
     }
+}
+
+/// Removes what swarms of runs that died left behind: stops their dockerd
+/// and containerd (by the pids in their pid files), detaches their mounts,
+/// removes their directories and cgroups. Only called holding the swarm lock,
+/// when no other swarm can be alive. Returns what it did and what failed.
+pub fn collect_stale_swarms() -> Vec<String> {
+    let mut report = Vec::new();
+    let Ok(entries) = fs::read_dir("/run") else {
+        return report;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(prefix) = RunPrefix::parse(&name) else {
+            continue;
+        };
+        let dir = entry.path().join("docker-swarm");
+        if !dir.is_dir() {
+            continue;
+        }
+        let hosts: Vec<PathBuf> = fs::read_dir(&dir)
+            .map(|e| e.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for host in &hosts {
+            for (file, comm) in [
+                ("dockerd.pid", "dockerd"),
+                ("exec/containerd/containerd.pid", "containerd"),
+            ] {
+                if let Some(pid) = fs::read_to_string(host.join(file))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    report.extend(daemon::stop_stale(pid, comm));
+                }
+            }
+        }
+        report.extend(unmount_under(&dir));
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => report.push(format!("removed {}", dir.display())),
+            Err(e) => report.push(format!("removing {}: {e}", dir.display())),
+        }
+        let _ = fs::remove_dir(entry.path());
+        let mine = format!("{}-h", prefix.as_str());
+        for cgroup in host_state::cgroup_dirs(|n| n.starts_with(&mine)) {
+            if let Err(e) = host_state::remove_cgroup(&cgroup) {
+                report.push(format!("removing cgroup {}: {e}", cgroup.display()));
+            }
+        }
+    }
+    report
 }
 
 /// Takes the machine-wide swarm lock, waiting up to `timeout`.

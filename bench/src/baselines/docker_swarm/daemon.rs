@@ -34,7 +34,7 @@ impl Tools {
                 .or_else(|| super::host_state::which(name))
                 .ok_or(SwarmUnavailable::Missing {
                     tool: name,
-                    hint: "apt-get install docker.io (scripts/install-bench-deps)",
+                    hint: "apt-get install docker.io; scripts/install-deps does",
                 })
         };
         Ok(Self {
@@ -91,6 +91,14 @@ impl Daemon {
             .args(["--storage-driver", &opts.storage_driver])
             .args(["--cgroup-parent", cgroup_parent])
             .args(["--bip", &bip])
+            // The hosts' namespaces have no upstream resolver, and Docker's
+            // embedded DNS never answers a name it cannot forward: a lookup
+            // of a peer not yet known on this host would hang for the
+            // client's 5 s timeout, an artefact no real host with a working
+            // resolver has. With ndots set, Docker answers an unknown
+            // single-label name (container names are) at once, empty, and
+            // the function retries, as it would after a real NXDOMAIN.
+            .args(["--dns-opt", "ndots:1"])
             .args(["--default-address-pool", "base=10.239.0.0/16,size=24"])
             // The daemon reads /etc/docker/daemon.json unless told otherwise.
             .arg("--config-file")
@@ -270,11 +278,35 @@ impl Drop for Daemon {
     }
 }
 
-/// Whether process `pid` exists and runs `name`.
+/// Stops a leftover process `pid` if it still runs `comm`: SIGTERM, then
+/// SIGKILL after 20 s. Returns what it did.
+pub(crate) fn stop_stale(pid: i32, comm: &str) -> Option<String> {
+    if !is_process(pid, comm) {
+        return None;
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let start = Instant::now();
+    while is_process(pid, comm) {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            return Some(format!("killed stale {comm} {pid}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(format!("stopped stale {comm} {pid}"))
+}
+
+/// Whether process `pid` exists, runs `name` and is not a zombie.
 fn is_process(pid: i32, name: &str) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim() == name)
-        .unwrap_or(false)
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let state = stat[close + 1..].split_whitespace().next();
+    &stat[open + 1..close] == name && state != Some("Z")
 }
 
 /// `GET /_ping` over the API socket.

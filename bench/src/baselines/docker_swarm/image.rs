@@ -15,7 +15,7 @@ const BUSYBOX_PATHS: &[&str] = &["/bin/busybox", "/usr/bin/busybox"];
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(
-        "busybox is not installed (apt-get install busybox-static; scripts/install-bench-deps)"
+        "busybox is not installed (apt-get install busybox-static; scripts/install-deps does)"
     )]
     NoBusybox,
     #[error(
