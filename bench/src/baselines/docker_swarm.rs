@@ -17,6 +17,7 @@ mod daemon;
 pub mod host_state;
 pub mod image;
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::net::Ipv4Addr;
@@ -41,6 +42,9 @@ pub const SWARM_ADDRESS_POOL: &str = "10.236.0.0/16";
 pub const SWARM_PORT: u16 = 2377;
 /// Serialises swarms on one machine: dockerd's global paths have one owner.
 pub const LOCK_PATH: &str = "/run/particle/docker-swarm.lock";
+/// While a swarm runs: which of dockerd's global paths existed before it
+/// started, one a line, so a crashed run's additions can be collected.
+pub const GLOBAL_PATHS_RECORD: &str = "/run/particle/docker-swarm.global-paths";
 
 /// One simulated host: the namespace dockerd runs in and its underlay address.
 pub struct SwarmHost<'a> {
@@ -209,6 +213,8 @@ impl Swarm {
             tracing::warn!("docker swarm gc: {line}");
         }
         let root = Path::new("/run").join(prefix.as_str()).join("docker-swarm");
+        let before = HostState::capture(prefix);
+        record_global_paths(&before.docker_paths)?;
         // From here on, dropping `swarm` undoes whatever was done so far.
         let mut swarm = Swarm {
             prefix: prefix.clone(),
@@ -219,7 +225,7 @@ impl Swarm {
             image: prefix.label("fn"),
             options: options.clone(),
             jobs: AtomicUsize::new(0),
-            before: HostState::capture(prefix),
+            before,
             torn_down: false,
             _lock: lock,
         };
@@ -464,6 +470,9 @@ impl Swarm {
         }
         let now = HostState::capture(&self.prefix);
         problems.extend(self.before.restore(&now));
+        if let Err(e) = fs::remove_file(GLOBAL_PATHS_RECORD) {
+            problems.push(format!("removing {GLOBAL_PATHS_RECORD}: {e}"));
+        }
         let after = HostState::capture(&self.prefix);
         problems.extend(
             self.before
@@ -578,6 +587,35 @@ fn logs(d: &Daemon, name: &str) -> (String, String) {
 /// removes their directories and cgroups. Only called holding the swarm lock,
 /// when no other swarm can be alive. Returns what it did and what failed.
 pub fn collect_stale_swarms() -> Vec<String> {
+    let mut report = collect_stale_daemons();
+    // Last: the daemons above may still have written to these while stopping.
+    if let Ok(record) = fs::read_to_string(GLOBAL_PATHS_RECORD) {
+        let before: BTreeSet<PathBuf> = record.lines().map(PathBuf::from).collect();
+        let now = host_state::current_docker_paths();
+        for gone in now.difference(&before) {
+            report.push(format!("removing a crashed swarm's {}", gone.display()));
+        }
+        report.extend(host_state::restore_docker_paths(&before, &now));
+        if let Err(e) = fs::remove_file(GLOBAL_PATHS_RECORD) {
+            report.push(format!("removing {GLOBAL_PATHS_RECORD}: {e}"));
+        }
+    }
+    report
+}
+
+/// Writes [`GLOBAL_PATHS_RECORD`].
+fn record_global_paths(existing: &BTreeSet<PathBuf>) -> Result<(), SwarmUnavailable> {
+    let lines: String = existing
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    fs::write(GLOBAL_PATHS_RECORD, lines).map_err(|source| SwarmUnavailable::Io {
+        what: format!("writing {GLOBAL_PATHS_RECORD}"),
+        source,
+    })
+}
+
+fn collect_stale_daemons() -> Vec<String> {
     let mut report = Vec::new();
     let Ok(entries) = fs::read_dir("/run") else {
         return report;

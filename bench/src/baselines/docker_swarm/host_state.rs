@@ -162,20 +162,7 @@ impl HostState {
                 problems.push(format!("removing cgroup {}: {e}", dir.display()));
             }
         }
-        let mut new_paths: Vec<&PathBuf> =
-            now.docker_paths.difference(&self.docker_paths).collect();
-        new_paths.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for path in new_paths {
-            let removed = match fs::symlink_metadata(path) {
-                Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-                Ok(_) => fs::remove_file(path),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = removed {
-                problems.push(format!("removing {}: {e}", path.display()));
-            }
-        }
+        problems.extend(restore_docker_paths(&self.docker_paths, &now.docker_paths));
         if self.nft != now.nft {
             problems.push("the nft ruleset changed; not restored automatically".into());
         }
@@ -187,6 +174,31 @@ impl HostState {
         }
         problems
     }
+}
+
+/// Removes Docker's global paths (and entries of its watched directories)
+/// that exist `now` but not `before`, deepest first.
+pub fn restore_docker_paths(before: &BTreeSet<PathBuf>, now: &BTreeSet<PathBuf>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut new_paths: Vec<&PathBuf> = now.difference(before).collect();
+    new_paths.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for path in new_paths {
+        let removed = match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+            Ok(_) => fs::remove_file(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
+            problems.push(format!("removing {}: {e}", path.display()));
+        }
+    }
+    problems
+}
+
+/// Which Docker global paths exist now.
+pub fn current_docker_paths() -> BTreeSet<PathBuf> {
+    docker_paths()
 }
 
 fn list_diff(out: &mut Vec<String>, what: &str, before: &[String], after: &[String]) {
