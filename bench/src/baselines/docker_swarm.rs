@@ -303,6 +303,28 @@ impl Swarm {
             OVERLAY_SUBNET,
             &swarm.network,
         ])?;
+        // A worker detaches from an attachable network when its last
+        // container on it exits, and a `docker run` racing that teardown
+        // fails with "network not found". In a real cluster the network is in
+        // use on every host; one idle container per host keeps it so.
+        let (network, image) = (&swarm.network, &swarm.image);
+        parallel_ref(&swarm.daemons, |d| {
+            d.docker(&[
+                "run",
+                "--detach",
+                "--network",
+                network,
+                "--name",
+                &anchor_name(prefix, d.host),
+                image,
+                "/bin/sh",
+                "-c",
+                "exec sleep 2147483647",
+            ])
+            .map(drop)
+        })
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
         Ok(swarm)
     }
 
@@ -433,6 +455,11 @@ impl Swarm {
         }
         self.torn_down = true;
         let mut problems = Vec::new();
+        let prefix = &self.prefix;
+        parallel_ref(&self.daemons, |d| {
+            // Killed, not stopped: sleep as PID 1 ignores SIGTERM.
+            let _ = d.docker(&["rm", "--force", &anchor_name(prefix, d.host)]);
+        });
         // Workers first: a manager that leaves first strands them.
         let joined = self.joined.clone();
         for result in parallel_ref(&self.daemons[self.daemons.len().min(1)..], |d| {
@@ -490,6 +517,11 @@ impl Drop for Swarm {
             tracing::warn!("docker swarm teardown: {p}");
         }
     }
+}
+
+/// The idle container that keeps host `host` attached to the overlay.
+fn anchor_name(prefix: &RunPrefix, host: usize) -> String {
+    prefix.label(&format!("anchor-h{host}"))
 }
 
 /// Removes a launch's containers when the launch ends, however it ends.
