@@ -42,6 +42,7 @@ fn a_two_host_swarm_runs_a_ring_across_hosts_and_leaves_the_machine_as_it_was() 
     let swarm = Swarm::start(&swarm_hosts, &prefix, &binary)
         .unwrap_or_else(|e| panic!("Docker Swarm cannot run on this machine: {e}"));
 
+    assert_eq!(swarm.function_path(), "/particle-fn");
     // docker0 is the host namespace's, not the machine's.
     let links = hosts[0]
         .netns()

@@ -169,6 +169,8 @@ pub struct Swarm {
     joined: Vec<bool>,
     network: String,
     image: String,
+    /// The function binary's path inside the image.
+    function_path: String,
     options: SwarmOptions,
     jobs: AtomicUsize,
     before: HostState,
@@ -223,6 +225,7 @@ impl Swarm {
             joined: vec![false; hosts.len()],
             network: prefix.label("net"),
             image: prefix.label("fn"),
+            function_path: String::new(),
             options: options.clone(),
             jobs: AtomicUsize::new(0),
             before,
@@ -231,6 +234,7 @@ impl Swarm {
         };
         let rootfs = image::build_rootfs(&root.join("rootfs"), function_binary)?;
         let archive = image::tar(&rootfs.dir)?;
+        swarm.function_path = rootfs.function_path;
 
         for (i, host) in hosts.iter().enumerate() {
             let cgroup_parent = prefix.label(&format!("h{i}"));
@@ -331,6 +335,12 @@ impl Swarm {
     /// The hosts' daemon PIDs, by host.
     pub fn daemon_pids(&self) -> Vec<Option<u32>> {
         self.daemons.iter().map(Daemon::pid).collect()
+    }
+
+    /// Where the function binary is inside the image (`/<its file name>`,
+    /// e.g. `/particle-fn`): `argv[0]` for [`Self::launch`].
+    pub fn function_path(&self) -> &str {
+        &self.function_path
     }
 
     /// The overlay network's name.
