@@ -237,7 +237,7 @@ impl Swarm {
         swarm.function_path = rootfs.function_path;
 
         for (i, host) in hosts.iter().enumerate() {
-            let cgroup_parent = prefix.label(&format!("h{i}"));
+            let cgroup_parent = host_state::docker_cgroup_label(prefix, &i.to_string());
             swarm.daemons.push(Daemon::spawn(
                 &tools,
                 host.netns,
@@ -693,7 +693,7 @@ fn collect_stale_daemons() -> Vec<String> {
             Err(e) => report.push(format!("removing {}: {e}", dir.display())),
         }
         let _ = fs::remove_dir(entry.path());
-        let mine = format!("{}-h", prefix.as_str());
+        let mine = host_state::docker_cgroup_label(&prefix, "");
         for cgroup in host_state::cgroup_dirs(|n| n.starts_with(&mine)) {
             if let Err(e) = host_state::remove_cgroup(&cgroup) {
                 report.push(format!("removing cgroup {}: {e}", cgroup.display()));

@@ -58,9 +58,10 @@ pub struct HostState {
     pub nft: Option<String>,
     /// [`WATCHED_SYSCTLS`] that exist here, path → value.
     pub sysctls: BTreeMap<String, String>,
-    /// `/proc/self/mounts` lines that a Docker engine or this run could own.
+    /// `/proc/self/mounts` lines that a Docker engine could own (its roots
+    /// here are under `/run/<prefix>/docker-swarm`).
     pub mounts: Vec<String>,
-    /// cgroup directories named `docker` or after this run's prefix.
+    /// cgroup directories named `docker` or [`docker_cgroup_label`]`(prefix, _)`.
     pub cgroups: BTreeSet<PathBuf>,
     /// Which [`DOCKER_GLOBAL_PATHS`] (and entries of their watched dirs) exist.
     pub docker_paths: BTreeSet<PathBuf>,
@@ -93,12 +94,12 @@ impl HostState {
             mounts: fs::read_to_string("/proc/self/mounts")
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| {
-                    l.contains(prefix.as_str()) || l.contains("docker") || l.contains("containerd")
-                })
+                .filter(|l| l.contains("docker") || l.contains("containerd"))
                 .map(str::to_string)
                 .collect(),
-            cgroups: cgroup_dirs(|name| name == "docker" || name.starts_with(prefix.as_str())),
+            cgroups: cgroup_dirs(|name| {
+                name == "docker" || name.starts_with(&docker_cgroup_label(prefix, ""))
+            }),
             docker_paths: docker_paths(),
             raw_iptables,
             raw_ip6tables,
@@ -148,11 +149,23 @@ impl HostState {
                 }
             }
         }
-        if self.iptables != now.iptables {
-            problems.extend(iptables_restore("iptables-restore", &self.raw_iptables).err());
-        }
-        if self.ip6tables != now.ip6tables {
-            problems.extend(iptables_restore("ip6tables-restore", &self.raw_ip6tables).err());
+        // Only a ruleset Docker changed (its chains are there) is put back:
+        // any other change is someone else's, and reverting it would harm.
+        for (tool, before, now) in [
+            ("iptables-restore", &self.raw_iptables, &now.raw_iptables),
+            ("ip6tables-restore", &self.raw_ip6tables, &now.raw_ip6tables),
+        ] {
+            if normalize_iptables(before) == normalize_iptables(now) {
+                continue;
+            }
+            if now.contains(":DOCKER") {
+                problems.extend(iptables_restore(tool, before).err());
+            } else {
+                problems.push(format!(
+                    "the machine's {} changed, not by Docker; left as it is",
+                    tool.trim_end_matches("-restore")
+                ));
+            }
         }
         // Deepest first, so a directory is empty of our cgroups when its turn comes.
         let mut new_cgroups: Vec<&PathBuf> = now.cgroups.difference(&self.cgroups).collect();
@@ -174,6 +187,12 @@ impl HostState {
         }
         problems
     }
+}
+
+/// The name of the cgroup parent of host `host`'s containers (relative, so
+/// below the daemon's own cgroup in each hierarchy).
+pub fn docker_cgroup_label(prefix: &RunPrefix, host: &str) -> String {
+    prefix.label(&format!("docker-h{host}"))
 }
 
 /// Removes Docker's global paths (and entries of its watched directories)
