@@ -132,3 +132,41 @@ fn a_missing_function_binary_is_a_clear_reason_and_starts_nothing() {
     );
     assert!(!Path::new("/run").join(prefix.as_str()).exists());
 }
+
+#[test]
+fn dropping_a_one_host_swarm_cleans_up_like_stopping_it() {
+    common::require_root();
+    let binary = common::function_binary();
+    let run = Run::start().unwrap();
+    let prefix = run.prefix().clone();
+    let mut node =
+        ScratchNode::new(&prefix, AddressBlock::parse("10.235.4.0/24").unwrap()).unwrap();
+    let hosts = node.hosts(1).unwrap();
+    let before = HostState::capture(&prefix);
+    let swarm_hosts = [SwarmHost {
+        netns: hosts[0].netns(),
+        underlay_ip: ScratchNode::underlay_of(&hosts[0]).address,
+    }];
+    let pids = {
+        let swarm = Swarm::start(&swarm_hosts, &prefix, &binary)
+            .unwrap_or_else(|e| panic!("Docker Swarm cannot run on this machine: {e}"));
+        // Both functions on the one host: the ring still goes through the overlay.
+        let runs = swarm.launch(2, &ring(&[])).unwrap();
+        assert!(
+            runs.iter().all(|f| f.exit_code == Some(0) && f.node == 0),
+            "{runs:?}"
+        );
+        swarm.daemon_pids()
+    };
+    for pid in pids.into_iter().flatten() {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "dockerd {pid} still runs"
+        );
+    }
+    assert_eq!(
+        before.differences(&HostState::capture(&prefix)),
+        Vec::<String>::new()
+    );
+    assert!(!Path::new("/run").join(prefix.as_str()).exists());
+}
