@@ -5,3 +5,4 @@
 pub mod baselines;
 pub mod endpoints;
 pub mod stats;
+pub mod timeline;
