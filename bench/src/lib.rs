@@ -4,5 +4,6 @@
 
 pub mod baselines;
 pub mod endpoints;
+pub mod pipeline;
 pub mod stats;
 pub mod timeline;
