@@ -43,6 +43,9 @@ pub struct AgentSettings {
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub prefix: Option<String>,
+    /// The OCI runtime jobs may ask for; default: runc if installed.
+    #[serde(default = "default_oci_runtime")]
+    pub oci_runtime: Option<PathBuf>,
 }
 
 fn default_controller_listen() -> SocketAddr {
@@ -55,6 +58,13 @@ fn default_heartbeat_timeout() -> f64 {
 
 fn default_agent_socket() -> PathBuf {
     PathBuf::from("/run/particle/agent.sock")
+}
+
+fn default_oci_runtime() -> Option<PathBuf> {
+    ["/usr/sbin/runc", "/usr/bin/runc"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 fn default_pool_size() -> usize {

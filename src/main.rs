@@ -2,6 +2,7 @@
 
 mod cluster;
 mod config;
+mod launch;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -41,6 +42,21 @@ enum Command {
         socket: std::path::PathBuf,
         /// The request: one JSON object.
         request: String,
+    },
+    /// Launches a burst of functions on a tenant's overlay and follows it,
+    /// e.g. `particle launch --tenant a -n 100 -- particle-fn ring`.
+    Launch(launch::LaunchArgs),
+    /// Jobs: list, status, cancel, output.
+    Job {
+        #[command(subcommand)]
+        job: launch::JobCommand,
+    },
+    /// Runs one function of a job, as `particle-fn` does (for launching
+    /// where only the `particle` binary is installed).
+    #[command(hide = true)]
+    Fn {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Removes what crashed Particle runs left behind (mounted namespaces,
     /// links in this namespace); never touches live runs.
@@ -150,6 +166,10 @@ struct AgentArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     prefix: Option<String>,
+    /// The OCI runtime jobs with `"runtime": "oci"` use [default: runc if installed].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oci_runtime: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -243,6 +263,14 @@ fn main() -> Result<()> {
             );
         }
         Command::Agent(args) => agent(args)?,
+        Command::Launch(args) => launch::launch(args)?,
+        Command::Job { job } => launch::job(job)?,
+        Command::Fn { args } => {
+            if let Err(e) = particle_workloads::jobs::run(&args) {
+                eprintln!("particle fn: {e}");
+                std::process::exit(1);
+            }
+        }
         Command::Gc => {
             let mut socket = particle_net::NetlinkSocket::open().context("netlink socket")?;
             let report = particle_net::gc::collect(Some(&mut socket));
@@ -336,6 +364,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         },
         socket_path: args.socket.clone(),
         heartbeat_every: std::time::Duration::from_secs(1),
+        oci_runtime: args.oci_runtime.clone(),
     };
     let client =
         particle_node_agent::controller_client::ControllerClient::direct(args.controller, token);

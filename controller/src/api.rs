@@ -6,6 +6,18 @@
 //! - `GET /v1/tenants` → 200 `[Tenant]`; `GET /v1/tenants/{name}` → 200 [`Tenant`]
 //! - `DELETE /v1/tenants/{name}` → 204
 //! - `GET /v1/nodes` → 200 `[Node]`
+//! - `PUT /v1/tenants/{name}/warm` with [`WarmTarget`] → 200 [`Tenant`]: the
+//!   tenant's standing warm pool per node (prewarm before a burst)
+//! - `POST /v1/jobs` with [`LaunchJob`] → 201 [`Job`]: a burst; returns once
+//!   every function was started (or failed to), with each one's node and
+//!   address
+//! - `GET /v1/jobs` → 200 `[JobSummary]`; `GET /v1/jobs/{id}` → 200 [`Job`]
+//!   (`?wait_s=S` waits up to S seconds for the job to end; `?output=true`
+//!   adds every function's captured output)
+//! - `GET /v1/jobs/{id}/functions/{rank}/output?offset=N` → 200 text: what
+//!   the function printed so far from byte N (live, from its agent)
+//! - `DELETE /v1/jobs/{id}` → 200 [`Job`]: cancels (kills what runs,
+//!   returns the endpoints)
 //!
 //! Agent-facing (same token):
 //! - `POST /v1/agents/register` with [`RegisterNode`] → 200 [`NodeOverlay`]
@@ -14,6 +26,14 @@
 //! - `GET /v1/agents/{node}/overlay?since=V` → 200 [`NodeOverlay`] as soon as
 //!   the overlay version exceeds `V` (long poll, at most 25 s, then the current
 //!   state)
+//!
+//! - `POST /v1/agents/{node}/exits` with [`FunctionExits`] → 204
+//!
+//! The controller calls each agent (same token) on the agent's API port
+//! ([`RegisterNode::api_port`]): `POST /v1/jobs/{id}/reserve` with
+//! [`ReserveFunctions`] → [`Reserved`], `POST /v1/jobs/{id}/start` with
+//! [`StartFunctions`] → [`Started`], `DELETE /v1/jobs/{id}`, and
+//! `GET /v1/jobs/{id}/functions/{rank}/output?offset=N`.
 //!
 //! Unauthenticated: `GET /metrics` (Prometheus text), `GET /healthz`.
 //! Every error is a 4xx/5xx with an [`ApiError`] body.
@@ -35,6 +55,16 @@ pub struct CreateTenant {
     /// Per-node block size; default 24. Must be within the subnet and at most 30.
     #[serde(default)]
     pub block_prefix: Option<u8>,
+    /// Warm endpoints kept per node; default: the agents' own setting.
+    #[serde(default)]
+    pub warm_per_node: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmTarget {
+    /// Warm endpoints per node; `null` goes back to the agents' default.
+    pub per_node: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +73,8 @@ pub struct Tenant {
     pub vni: u32,
     pub subnet: String,
     pub block_prefix: u8,
+    #[serde(default)]
+    pub warm_per_node: Option<usize>,
     /// Node name → that node's block of this tenant's subnet.
     pub blocks: BTreeMap<String, String>,
 }
@@ -54,6 +86,10 @@ pub struct RegisterNode {
     pub node: String,
     /// The node's VTEP address on the underlay.
     pub underlay_ip: Ipv4Addr,
+    /// Where the agent's API listens (on `underlay_ip`); `None`: the agent
+    /// cannot launch functions.
+    #[serde(default)]
+    pub api_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -77,6 +113,9 @@ pub struct Node {
     pub underlay_ip: Ipv4Addr,
     /// Milliseconds since the last heartbeat (or registration).
     pub last_seen_ms: u64,
+    /// The agent's API port (launching functions); `None`: cannot launch.
+    #[serde(default)]
+    pub api_port: Option<u16>,
     pub pools: BTreeMap<String, PoolLevel>,
 }
 
@@ -96,6 +135,9 @@ pub struct TenantOverlay {
     pub subnet: String,
     /// This node's block.
     pub local_block: String,
+    /// Warm endpoints to keep; `None`: the agent's default.
+    #[serde(default)]
+    pub warm_per_node: Option<usize>,
     /// Every other live node's block of this tenant.
     pub remotes: Vec<RemoteNode>,
 }
@@ -110,4 +152,183 @@ pub struct RemoteNode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+}
+
+/// What a function runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCommand {
+    /// Program and arguments; the program is looked up in PATH on the node.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// How the agents start functions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// The agent's own namespaces (fastest).
+    #[default]
+    Builtin,
+    /// The node's OCI runtime (runc).
+    Oci,
+}
+
+/// Where functions go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Only these nodes (default: every live node that can launch).
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
+    /// At most this many functions per node.
+    #[serde(default)]
+    pub max_per_node: Option<usize>,
+}
+
+/// `POST /v1/jobs`: a burst of `functions` copies of `command` on `tenant`'s
+/// overlay, spread round-robin over the nodes (rank r on the r-th node, so
+/// neighbouring ranks are on different nodes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchJob {
+    pub tenant: String,
+    pub functions: usize,
+    pub command: FunctionCommand,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// The port every function's entry in `PARTICLE_PEERS` names (default 7000).
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    /// Every function exited 0.
+    Succeeded,
+    /// Every function ended and at least one did not exit 0.
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionState {
+    Running,
+    Exited,
+    /// Never ran: no endpoint, or the start failed.
+    Failed,
+    /// Its node went away before it reported an exit.
+    Lost,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionStatus {
+    pub rank: usize,
+    pub node: String,
+    pub address: Option<Ipv4Addr>,
+    pub state: FunctionState,
+    pub exit_code: Option<i32>,
+    /// Its endpoint was built for it (the warm pool had run dry).
+    pub cold: bool,
+    pub error: Option<String>,
+    /// The end of what it printed (only with `?output=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub tenant: String,
+    pub state: JobState,
+    pub functions: Vec<FunctionStatus>,
+    /// Endpoints taken from warm pools / built during the launch.
+    pub warm: usize,
+    pub cold: usize,
+    /// From the request to every function started, milliseconds.
+    pub launch_ms: f64,
+    /// From the request to the last exit, once the job has ended.
+    pub duration_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub tenant: String,
+    pub state: JobState,
+    pub functions: usize,
+    pub exited: usize,
+}
+
+/// Controller → agent: claim endpoints for these ranks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveFunctions {
+    pub tenant: String,
+    pub ranks: Vec<usize>,
+    /// Checked before anything is claimed.
+    pub program: String,
+    pub runtime: RuntimeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedEndpoint {
+    pub rank: usize,
+    /// `None` with `error` set when no endpoint could be had.
+    pub address: Option<Ipv4Addr>,
+    pub cold: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserved {
+    pub endpoints: Vec<ReservedEndpoint>,
+}
+
+/// Controller → agent: start the reserved functions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartFunctions {
+    pub command: FunctionCommand,
+    pub runtime: RuntimeKind,
+    pub size: usize,
+    /// Every function's `host:port`, by rank (`PARTICLE_PEERS`).
+    pub peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartFailure {
+    pub rank: usize,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub started: Vec<usize>,
+    pub failed: Vec<StartFailure>,
+}
+
+/// Agent → controller: functions that ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionExits {
+    pub exits: Vec<FunctionExit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionExit {
+    pub job: String,
+    pub rank: usize,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    /// The end of its output (bounded by the agent).
+    pub output: String,
 }

@@ -13,12 +13,16 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::api::{ApiError, CreateTenant, Heartbeat, Node, NodeOverlay, RegisterNode, Tenant};
+use crate::api::{
+    ApiError, CreateTenant, FunctionExits, Heartbeat, Job, JobSummary, LaunchJob, Node,
+    NodeOverlay, RegisterNode, Tenant, WarmTarget,
+};
+use crate::client::{ApiClient, Method};
 use crate::state::{ErrorKind, StateError};
 use crate::{Controller, UpdateError};
 
@@ -99,7 +103,15 @@ pub fn router(controller: Controller) -> Router {
     let v1 = Router::new()
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/tenants/{name}", get(get_tenant).delete(delete_tenant))
+        .route("/v1/tenants/{name}/warm", put(set_warm))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/jobs", post(launch_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route(
+            "/v1/jobs/{id}/functions/{rank}/output",
+            get(function_output),
+        )
+        .route("/v1/agents/{node}/exits", post(exits))
         .route("/v1/agents/register", post(register))
         .route("/v1/agents/{node}/heartbeat", post(heartbeat))
         .route("/v1/agents/{node}/overlay", get(overlay))
@@ -135,20 +147,28 @@ async fn require_token(
     req: Request,
     next: Next,
 ) -> Response {
+    match check_bearer(&headers, c.token()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The bearer-token check every `/v1` route of the controller and the agents makes.
+pub fn check_bearer(headers: &HeaderMap, token: &str) -> Result<(), HttpError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(token) if constant_time_eq(token.as_bytes(), c.token().as_bytes()) => {
-            next.run(req).await
-        }
-        Some(_) => HttpError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response(),
-        None => HttpError::new(
+        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong bearer token",
+        )),
+        None => Err(HttpError::new(
             StatusCode::UNAUTHORIZED,
             "missing Authorization: Bearer <token>",
-        )
-        .into_response(),
+        )),
     }
 }
 
@@ -199,7 +219,11 @@ async fn register(
     body: Bytes,
 ) -> Result<Json<NodeOverlay>, HttpError> {
     let req: RegisterNode = parse_json(&body)?;
-    let overlay = c.update(|s| s.register_node(&req.node, req.underlay_ip, Instant::now()))?;
+    let overlay = c.update(|s| {
+        let overlay = s.register_node(&req.node, req.underlay_ip, Instant::now())?;
+        s.set_api_port(&req.node, req.api_port)?;
+        Ok(overlay)
+    })?;
     tracing::info!(node = %req.node, underlay_ip = %req.underlay_ip, version = overlay.version, "node registered");
     Ok(Json(overlay))
 }
@@ -269,4 +293,125 @@ async fn metrics(State(c): State<Controller>) -> Response {
             .into_response(),
         Err(e) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+async fn set_warm(
+    State(c): State<Controller>,
+    name: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Json<Tenant>, HttpError> {
+    let Path(name) = name?;
+    let req: WarmTarget = parse_json(&body)?;
+    Ok(Json(c.update(|s| s.set_warm(&name, req.per_node))?))
+}
+
+async fn launch_job(
+    State(c): State<Controller>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Job>), HttpError> {
+    let req: LaunchJob = parse_json(&body)?;
+    let job = crate::jobs::launch(&c, req).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+async fn list_jobs(State(c): State<Controller>) -> Json<Vec<JobSummary>> {
+    Json(c.jobs().list())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    /// Wait up to this many seconds for the job to end.
+    #[serde(default)]
+    wait_s: Option<f64>,
+    /// Include every function's captured output.
+    #[serde(default)]
+    output: bool,
+}
+
+/// The longest a job status request may wait.
+const MAX_JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+async fn get_job(
+    State(c): State<Controller>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<JobQuery>, QueryRejection>,
+) -> Result<Json<Job>, HttpError> {
+    let Path(id) = id?;
+    let Query(query) = query?;
+    let unknown = || HttpError::new(StatusCode::NOT_FOUND, format!("unknown job {id:?}"));
+    let mut job = match query.wait_s {
+        Some(s) if s.is_finite() && s > 0.0 => {
+            let wait = std::time::Duration::from_secs_f64(s).min(MAX_JOB_WAIT);
+            c.jobs().wait(&id, wait).await
+        }
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            return Err(HttpError::new(
+                StatusCode::BAD_REQUEST,
+                "wait_s must be a non-negative number",
+            ))
+        }
+        _ => c.jobs().get(&id),
+    }
+    .ok_or_else(unknown)?;
+    if !query.output {
+        for f in &mut job.functions {
+            f.output = None;
+        }
+    }
+    Ok(Json(job))
+}
+
+async fn cancel_job(
+    State(c): State<Controller>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<Job>, HttpError> {
+    let Path(id) = id?;
+    Ok(Json(crate::jobs::cancel(&c, &id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+/// Live output, from the agent running the function.
+async fn function_output(
+    State(c): State<Controller>,
+    path: Result<Path<(String, usize)>, PathRejection>,
+    query: Result<Query<OutputQuery>, QueryRejection>,
+) -> Result<String, HttpError> {
+    let Path((id, rank)) = path?;
+    let Query(query) = query?;
+    let agent = c.jobs().agent_of(&id, rank).ok_or_else(|| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("job {id:?} has no function {rank}"),
+        )
+    })?;
+    let api = ApiClient::direct(agent, c.token().to_string());
+    let path = format!(
+        "/v1/jobs/{id}/functions/{rank}/output?offset={}",
+        query.offset
+    );
+    let bytes = api
+        .send::<()>(Method::GET, &path, None)
+        .await
+        .map_err(|e| {
+            HttpError::new(e.status().unwrap_or(StatusCode::BAD_GATEWAY), e.to_string())
+        })?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+async fn exits(
+    State(c): State<Controller>,
+    node: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<StatusCode, HttpError> {
+    let Path(node) = node?;
+    let report: FunctionExits = parse_json(&body)?;
+    c.jobs().record_exits(&node, report.exits);
+    Ok(StatusCode::NO_CONTENT)
 }

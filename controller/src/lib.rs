@@ -6,7 +6,9 @@
 //! - [`serve`]: runs the router plus the node-expiry loop.
 
 pub mod api;
+pub mod client;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod state;
 pub mod store;
@@ -82,6 +84,7 @@ struct Inner {
     heartbeat_timeout: Duration,
     long_poll_max: Duration,
     metrics: Metrics,
+    jobs: jobs::Jobs,
 }
 
 impl Controller {
@@ -111,6 +114,7 @@ impl Controller {
                 heartbeat_timeout: config.heartbeat_timeout,
                 long_poll_max: config.long_poll_max,
                 metrics: Metrics::new(),
+                jobs: jobs::Jobs::default(),
             }),
         })
     }
@@ -175,6 +179,10 @@ impl Controller {
         &self.inner.metrics
     }
 
+    pub fn jobs(&self) -> &jobs::Jobs {
+        &self.inner.jobs
+    }
+
     async fn expiry_loop(self) {
         let mut tick = tokio::time::interval(EXPIRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -183,6 +191,7 @@ impl Controller {
             match self.expire_nodes() {
                 Ok(removed) if !removed.is_empty() => {
                     tracing::info!(?removed, "expired silent nodes");
+                    self.jobs().nodes_lost(&removed);
                 }
                 Ok(_) => {}
                 // Rolled back; retried on the next tick.

@@ -99,11 +99,13 @@ struct TenantEntry {
     ipam: TenantSubnet,
     /// Node name → its block.
     blocks: BTreeMap<String, Ipv4Network>,
+    warm_per_node: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
 struct NodeEntry {
     underlay_ip: Ipv4Addr,
+    api_port: Option<u16>,
     last_seen: Instant,
     pools: BTreeMap<String, PoolLevel>,
 }
@@ -125,6 +127,8 @@ pub struct Snapshot {
 pub struct StoredNode {
     pub name: String,
     pub underlay_ip: Ipv4Addr,
+    #[serde(default)]
+    pub api_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -196,10 +200,47 @@ impl ControllerState {
                 block_prefix,
                 ipam,
                 blocks,
+                warm_per_node: req.warm_per_node,
             },
         );
         self.bump();
         self.tenant(&req.name)
+    }
+
+    /// Sets how many warm endpoints every node keeps for the tenant.
+    pub fn set_warm(&mut self, name: &str, per_node: Option<usize>) -> Result<Tenant, StateError> {
+        let entry = self
+            .tenants
+            .get_mut(name)
+            .ok_or_else(|| StateError::UnknownTenant(name.to_string()))?;
+        if entry.warm_per_node != per_node {
+            entry.warm_per_node = per_node;
+            self.bump();
+        }
+        self.tenant(name)
+    }
+
+    /// Records where a node's agent API listens (learnt at registration).
+    pub fn set_api_port(&mut self, name: &str, port: Option<u16>) -> Result<(), StateError> {
+        let entry = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| StateError::UnknownNode(name.to_string()))?;
+        entry.api_port = port;
+        Ok(())
+    }
+
+    /// Nodes whose agents can launch functions: (name, API address), by name.
+    pub fn launchers(&self) -> Vec<(String, std::net::SocketAddr)> {
+        self.nodes
+            .iter()
+            .filter_map(|(name, e)| {
+                Some((
+                    name.clone(),
+                    std::net::SocketAddr::from((e.underlay_ip, e.api_port?)),
+                ))
+            })
+            .collect()
     }
 
     pub fn delete_tenant(&mut self, name: &str) -> Result<(), StateError> {
@@ -291,6 +332,7 @@ impl ControllerState {
             name.to_string(),
             NodeEntry {
                 underlay_ip,
+                api_port: None,
                 last_seen: now,
                 pools: BTreeMap::new(),
             },
@@ -353,6 +395,7 @@ impl ControllerState {
             .map(|(name, e)| Node {
                 name: name.clone(),
                 underlay_ip: e.underlay_ip,
+                api_port: e.api_port,
                 last_seen_ms: u64::try_from(now.saturating_duration_since(e.last_seen).as_millis())
                     .unwrap_or(u64::MAX),
                 pools: e.pools.clone(),
@@ -414,6 +457,7 @@ impl ControllerState {
                     vni: t.vni,
                     subnet: t.subnet.to_string(),
                     local_block: local.to_string(),
+                    warm_per_node: t.warm_per_node,
                     remotes,
                 })
             })
@@ -435,6 +479,7 @@ impl ControllerState {
                 .map(|(name, e)| StoredNode {
                     name: name.clone(),
                     underlay_ip: e.underlay_ip,
+                    api_port: e.api_port,
                 })
                 .collect(),
         }
@@ -458,6 +503,7 @@ impl ControllerState {
                     node.name.clone(),
                     NodeEntry {
                         underlay_ip: node.underlay_ip,
+                        api_port: node.api_port,
                         last_seen: now,
                         pools: BTreeMap::new(),
                     },
@@ -506,6 +552,7 @@ impl ControllerState {
                     block_prefix: t.block_prefix,
                     ipam,
                     blocks,
+                    warm_per_node: t.warm_per_node,
                 },
             );
         }
@@ -519,6 +566,7 @@ fn tenant_view(name: &str, t: &TenantEntry) -> Tenant {
         vni: t.vni,
         subnet: t.subnet.to_string(),
         block_prefix: t.block_prefix,
+        warm_per_node: t.warm_per_node,
         blocks: t
             .blocks
             .iter()
@@ -533,6 +581,7 @@ mod tests {
 
     fn req(name: &str, vni: u32, subnet: &str) -> CreateTenant {
         CreateTenant {
+            warm_per_node: None,
             name: name.into(),
             vni,
             subnet: subnet.into(),

@@ -132,6 +132,7 @@ mod tests {
             version: 7,
             tenants: vec![],
             nodes: vec![StoredNode {
+                api_port: None,
                 name: "n1".into(),
                 underlay_ip: "10.0.0.1".parse().unwrap(),
             }],

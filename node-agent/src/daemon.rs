@@ -8,7 +8,9 @@ use std::time::Duration;
 use particle_controller::api::{Heartbeat, NodeOverlay, RegisterNode};
 use particle_net::NetNs;
 
+use crate::agent_api;
 use crate::controller_client::{ClientError, ControllerClient};
+use crate::jobs::{report_exits, LaunchSettings, NodeJobs};
 use crate::local_api::{self, Claims};
 use crate::node_state::{NodeConfig, NodeState};
 
@@ -20,11 +22,14 @@ pub struct AgentConfig {
     /// Where the local API listens.
     pub socket_path: PathBuf,
     pub heartbeat_every: Duration,
+    /// The OCI runtime jobs may ask for (runc); `None`: built-in launcher only.
+    pub oci_runtime: Option<PathBuf>,
 }
 
 /// Where the agent serves what it serves.
 pub struct Listeners {
-    /// `/metrics` (Prometheus); `None` serves no metrics.
+    /// The agent's HTTP port: `/metrics` (Prometheus) and the controller's
+    /// calls to launch functions; `None`: neither (this node cannot launch).
     pub metrics: Option<tokio::net::TcpListener>,
 }
 
@@ -40,10 +45,32 @@ pub async fn run(
     let claims = Arc::new(Claims::new(state.free_pool()));
     let listener = local_api::bind(&config.socket_path)?;
     let state = Arc::new(Mutex::new(state));
+    let api_port = match &listeners.metrics {
+        Some(l) => Some(l.local_addr()?.port()),
+        None => None,
+    };
     let register = RegisterNode {
         node: config.node_name.clone(),
         underlay_ip: config.node.underlay.address,
+        api_port,
     };
+    let bundle_dir = config
+        .socket_path
+        .with_file_name(format!("{}-bundles", config.node_name));
+    let (jobs, exit_reports) = NodeJobs::new(
+        claims.clone(),
+        LaunchSettings {
+            node: config.node_name.clone(),
+            oci_runtime: config.oci_runtime.clone(),
+            bundle_dir,
+        },
+    );
+    let api = agent_api::router(jobs.clone(), client.token());
+    let reporter = tokio::spawn(report_exits(
+        client.clone(),
+        config.node_name.clone(),
+        exit_reports,
+    ));
 
     let heartbeats = {
         let (client, claims, register) = (client.clone(), claims.clone(), register.clone());
@@ -85,12 +112,12 @@ pub async fn run(
     };
     // Stopping the agent (or dropping this future) stops its background tasks,
     // and with them the node's tenant networks and pools.
-    let mut tasks = vec![heartbeats, follower];
+    let mut tasks = vec![heartbeats, follower, reporter];
     if let Some(listener) = listeners.metrics {
         let claims = claims.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, claims).await {
-                tracing::error!("metrics listener: {e}");
+            if let Err(e) = crate::metrics::serve(listener, claims, api).await {
+                tracing::error!("agent HTTP listener: {e}");
             }
         }));
     }

@@ -73,6 +73,9 @@ impl LocalResponse {
     }
 }
 
+/// An endpoint claimed for a burst, and whether it was built for it (cold).
+pub type BurstEndpoint = (PooledEndpoint, bool);
+
 /// The claim path's view of the node: a snapshot of the pools, replaced after
 /// every overlay change, and the endpoints claimed through this API.
 #[derive(Default)]
@@ -138,6 +141,50 @@ impl Claims {
             self.requests.load(Ordering::Relaxed),
             self.errors.load(Ordering::Relaxed),
         )
+    }
+
+    /// Claims `n` endpoints of `tenant` for a burst: warm ones first, then
+    /// tenant-free ones bound to it, then the rest built right now in one
+    /// batch. Each entry is the endpoint and whether it was built cold, or
+    /// why there is none.
+    pub fn claim_many(
+        &self,
+        tenant: &str,
+        n: usize,
+    ) -> Result<Vec<Result<BurstEndpoint, String>>, String> {
+        let claim = self
+            .pools
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tenant)
+            .cloned()
+            .ok_or_else(|| format!("tenant {tenant:?} has no network on this node"))?;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match claim.pool.claim() {
+                Ok(ep) => out.push(Ok((ep, false))),
+                Err(_) => break,
+            }
+        }
+        if let Some(free) = &self.free {
+            while out.len() < n {
+                match free.claim_for(&claim) {
+                    Ok(ep) => out.push(Ok((ep, false))),
+                    Err(_) => break,
+                }
+            }
+        }
+        let cold = n - out.len();
+        if cold > 0 {
+            out.extend(
+                claim
+                    .pool
+                    .claim_cold(cold)
+                    .into_iter()
+                    .map(|r| r.map(|ep| (ep, true)).map_err(|e| e.to_string())),
+            );
+        }
+        Ok(out)
     }
 
     pub fn handle(&self, request: LocalRequest) -> LocalResponse {

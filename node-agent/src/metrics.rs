@@ -164,10 +164,15 @@ async fn metrics(State(claims): State<Arc<Claims>>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics` on `listener`.
-pub async fn serve(listener: tokio::net::TcpListener, claims: Arc<Claims>) -> std::io::Result<()> {
+/// Serves `/metrics`, and `api` beside it, on `listener`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    claims: Arc<Claims>,
+    api: Router,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(claims);
+        .with_state(claims)
+        .merge(api);
     axum::serve(listener, app).await
 }

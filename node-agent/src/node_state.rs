@@ -194,6 +194,19 @@ impl NodeState {
             .tenants
             .get_mut(name)
             .ok_or_else(|| AgentError::UnknownTenant(name.to_string()))?;
+        let target = tenant
+            .warm_per_node
+            .unwrap_or(self.config.pool.high_watermark)
+            .max(1);
+        if slot.pool.config().high_watermark != target {
+            slot.pool
+                .set_target(target)
+                .map_err(|source| AgentError::Pool {
+                    tenant: name.to_string(),
+                    source,
+                })?;
+            tracing::info!(tenant = name, target, "warm target set");
+        }
         slot.network.apply_remotes(&remotes).map_err(overlay_err)
     }
 

@@ -100,6 +100,7 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
         },
         socket_path: socket.clone(),
         heartbeat_every: Duration::from_millis(100),
+        oci_runtime: None,
     };
     let client = ControllerClient::new(controller, TOKEN.into(), dial_from(host.netns()));
     let metrics_addr = SocketAddr::new(IpAddr::V4(host.address().ip()), 9101);
@@ -156,6 +157,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
             vni,
             subnet: subnet.into(),
             block_prefix: None,
+            warm_per_node: None,
         };
         let _: Tenant = user
             .call(hyper::Method::POST, "/v1/tenants", Some(&body))

@@ -18,6 +18,7 @@ fn tenant(name: &str, vni: u32, second: u8, me: usize, hosts: &[Endpoint]) -> Te
         vni,
         subnet: format!("10.{second}.0.0/16"),
         local_block: block(me),
+        warm_per_node: None,
         remotes: hosts
             .iter()
             .enumerate()

@@ -12,11 +12,13 @@
 //! - [`wire`]: acknowledged framed messages between functions; [`timeline`]:
 //!   the `phase=` lines functions print for the job's timeline plot.
 //!
-//! Functions run `particle-fn JOB` (ring, shuffle) or `particle-video` (the
-//! video job, from workloads/video).
+//! `particle-fn` (src/bin) is the binary functions run, one subcommand per
+//! job ([`jobs`]: ring, shuffle); `particle fn` runs the same jobs. The video
+//! job is `particle-video` (workloads/video).
 
 pub mod args;
 pub mod env;
+pub mod jobs;
 pub mod local;
 pub mod ring;
 pub mod shuffle;

@@ -69,6 +69,8 @@ pub enum PoolError {
     Empty { building: usize },
     #[error("invalid pool configuration: {0}")]
     Config(String),
+    #[error("building an endpoint: {0}")]
+    Build(String),
     #[error("timed out after {waited:?} with {ready} of {wanted} endpoints ready (last error: {last_error})")]
     NotReady {
         waited: Duration,
@@ -113,7 +115,9 @@ struct Wakeup {
 }
 
 struct Shared {
-    config: PoolConfig,
+    config: Mutex<PoolConfig>,
+    /// Shared with the refiller; cold builds for a burst use it directly.
+    factory: Arc<EndpointFactory>,
     ready: ReadyQueue<Endpoint>,
     block: Mutex<AddressBlock>,
     wakeup: Mutex<Wakeup>,
@@ -137,7 +141,7 @@ pub struct EndpointPool {
 impl std::fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EndpointPool")
-            .field("config", &self.shared.config)
+            .field("config", &*lock(&self.shared.config))
             .field("stats", &self.stats())
             .finish()
     }
@@ -153,7 +157,8 @@ impl EndpointPool {
         config.validate()?;
         let (returns_tx, returns_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
-            config,
+            config: Mutex::new(config),
+            factory: Arc::new(factory),
             ready: ReadyQueue::new(config.low_watermark, config.high_watermark),
             block: Mutex::new(block),
             wakeup: Mutex::new(Wakeup {
@@ -173,10 +178,7 @@ impl EndpointPool {
         };
         let refiller = {
             let shared = shared.clone();
-            spawn(
-                "pool-refiller",
-                Box::new(move || refiller(&shared, factory)),
-            )?
+            spawn("pool-refiller", Box::new(move || refiller(&shared)))?
         };
         let recycler = {
             let shared = shared.clone();
@@ -246,7 +248,55 @@ impl EndpointPool {
     }
 
     pub fn config(&self) -> PoolConfig {
-        self.shared.config
+        *lock(&self.shared.config)
+    }
+
+    /// Changes how many endpoints are kept warm (a tenant's standing warm
+    /// target, or a prewarm before a burst). Raising it starts a refill;
+    /// lowering it destroys the surplus off the caller's path.
+    pub fn set_target(&self, target: usize) -> Result<(), PoolError> {
+        let config = PoolConfig {
+            batch_size: self.config().batch_size,
+            ..PoolConfig::warm(target)
+        };
+        config.validate()?;
+        *lock(&self.shared.config) = config;
+        self.shared
+            .ready
+            .set_watermarks(config.low_watermark, config.high_watermark);
+        for surplus in self.shared.ready.take_surplus() {
+            self.shared.give_back(surplus, false);
+        }
+        self.shared.request_refill();
+        Ok(())
+    }
+
+    /// Builds `n` endpoints right now, in one batch, and hands them out
+    /// claimed: the cold path for a burst larger than the warm pool. Each
+    /// result stands alone; a failed endpoint leaves nothing behind.
+    pub fn claim_cold(&self, n: usize) -> Vec<Result<PooledEndpoint, PoolError>> {
+        let specs = EndpointSpec::allocate(&mut lock(&self.shared.block), n);
+        let mut out = Vec::with_capacity(n);
+        for (spec, result) in specs.iter().zip(self.shared.factory.create_batch(&specs)) {
+            match result {
+                Ok(ep) => {
+                    self.shared.counters.created.fetch_add(1, Ordering::Relaxed);
+                    out.push(Ok(self.adopt(ep)));
+                }
+                Err(e) => {
+                    let _ = lock(&self.shared.block).release(spec.address.ip());
+                    self.shared.record_error(e.to_string());
+                    out.push(Err(PoolError::Build(e.to_string())));
+                }
+            }
+        }
+        let block = lock(&self.shared.block).network();
+        out.extend((specs.len()..n).map(|_| {
+            Err(PoolError::Build(format!(
+                "address block {block} is exhausted"
+            )))
+        }));
+        out
     }
 
     /// Blocks until at least `wanted` endpoints are ready (warming before a
@@ -344,8 +394,8 @@ impl Shared {
     }
 }
 
-fn refiller(shared: &Shared, factory: EndpointFactory) {
-    let config = shared.config;
+fn refiller(shared: &Shared) {
+    let factory = &shared.factory;
     loop {
         {
             let mut w = lock(&shared.wakeup);
@@ -365,7 +415,8 @@ fn refiller(shared: &Shared, factory: EndpointFactory) {
             if lock(&shared.wakeup).shutdown {
                 break;
             }
-            let room = shared.ready.reserve(config.batch_size);
+            let batch = lock(&shared.config).batch_size;
+            let room = shared.ready.reserve(batch);
             if room == 0 {
                 break;
             }

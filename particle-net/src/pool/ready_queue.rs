@@ -5,6 +5,7 @@
 //! its cost can be measured without a kernel (benches/).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,9 @@ pub struct ReadyQueue<T> {
     inner: Mutex<Inner<T>>,
     /// Signalled whenever items are added.
     filled: Condvar,
-    low_watermark: usize,
-    high_watermark: usize,
+    // Atomics: a standing warm target can change while the pool runs.
+    low_watermark: AtomicUsize,
+    high_watermark: AtomicUsize,
 }
 
 impl<T> ReadyQueue<T> {
@@ -38,9 +40,23 @@ impl<T> ReadyQueue<T> {
                 reserved: 0,
             }),
             filled: Condvar::new(),
-            low_watermark,
-            high_watermark,
+            low_watermark: AtomicUsize::new(low_watermark),
+            high_watermark: AtomicUsize::new(high_watermark),
         }
+    }
+
+    /// Moves the watermarks; items above a lowered high watermark stay until taken.
+    pub fn set_watermarks(&self, low_watermark: usize, high_watermark: usize) {
+        self.low_watermark.store(low_watermark, Ordering::Relaxed);
+        self.high_watermark.store(high_watermark, Ordering::Relaxed);
+    }
+
+    /// Takes up to `n` items beyond the high watermark (after it was lowered).
+    pub fn take_surplus(&self) -> Vec<T> {
+        let high = self.high_watermark.load(Ordering::Relaxed);
+        let mut inner = lock(&self.inner);
+        let surplus = inner.items.len().saturating_sub(high);
+        inner.items.drain(..surplus).collect()
     }
 
     /// Takes the oldest item; the flag says the level is now below the low
@@ -48,7 +64,7 @@ impl<T> ReadyQueue<T> {
     pub fn take(&self) -> (Option<T>, bool) {
         let mut inner = lock(&self.inner);
         let item = inner.items.pop_front();
-        let below = inner.items.len() < self.low_watermark;
+        let below = inner.items.len() < self.low_watermark.load(Ordering::Relaxed);
         (item, below)
     }
 
@@ -57,7 +73,8 @@ impl<T> ReadyQueue<T> {
     pub fn reserve(&self, wanted: usize) -> usize {
         let mut inner = lock(&self.inner);
         let taken = inner.items.len() + inner.reserved;
-        let got = wanted.min(self.high_watermark.saturating_sub(taken));
+        let high = self.high_watermark.load(Ordering::Relaxed);
+        let got = wanted.min(high.saturating_sub(taken));
         inner.reserved += got;
         got
     }
@@ -141,6 +158,19 @@ mod tests {
         assert_eq!(q.fill(vec![3, 4, 5], 2), vec![5]);
         assert_eq!(q.len(), 4);
         assert_eq!(q.reserve(1), 0);
+    }
+
+    #[test]
+    fn watermarks_move_and_surplus_comes_out() {
+        let q = ReadyQueue::new(1, 2);
+        assert_eq!(q.reserve(5), 2);
+        q.fill(vec![1, 2], 2);
+        q.set_watermarks(3, 4);
+        assert_eq!(q.reserve(5), 2);
+        q.fill(vec![3, 4], 2);
+        q.set_watermarks(0, 1);
+        assert_eq!(q.take_surplus(), vec![1, 2, 3]);
+        assert_eq!(q.len(), 1);
     }
 
     #[test]

@@ -1,0 +1,488 @@
+//! Burst launches: placing a job's functions on nodes, the two batched calls
+//! per agent (reserve endpoints, then start with every peer's address), and
+//! the job's life afterwards (exits reported by agents, waits, cancel, nodes
+//! lost).
+//!
+//! Two calls, not one: a function must know every peer's address when it
+//! starts, and an address is known only once its node has claimed the
+//! endpoint. Both calls go to all agents at once and cost microseconds per
+//! function on the agent; nothing on this path waits for the kernel unless a
+//! pool has run dry.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use futures_util::future::join_all;
+use tokio::sync::watch;
+
+use crate::api::{
+    FunctionExit, FunctionState, FunctionStatus, Job, JobState, JobSummary, LaunchJob,
+    ReserveFunctions, Reserved, StartFunctions, Started,
+};
+use crate::client::{ApiClient, ClientError, Method};
+use crate::http::HttpError;
+use crate::Controller;
+
+/// The largest burst one request may ask for.
+pub const MAX_FUNCTIONS: usize = 100_000;
+/// Ended jobs kept for status queries.
+const RETAINED_JOBS: usize = 256;
+/// The port functions listen on unless the job says otherwise.
+pub const DEFAULT_FUNCTION_PORT: u16 = 7000;
+
+struct JobRecord {
+    job: Job,
+    started: Instant,
+    /// Node → its agent, for cancel and output.
+    agents: BTreeMap<String, SocketAddr>,
+}
+
+#[derive(Default)]
+struct Table {
+    next: u64,
+    jobs: BTreeMap<String, JobRecord>,
+    ended: VecDeque<String>,
+}
+
+/// Every job the controller knows. In memory: a restarted controller forgets
+/// jobs (their functions keep running on the agents and end there).
+pub struct Jobs {
+    table: Mutex<Table>,
+    /// Bumped on every change, for waiters.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Self {
+            table: Mutex::new(Table::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Jobs {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn new_id(&self) -> String {
+        let mut t = self.lock();
+        t.next += 1;
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        // Unique across controller restarts (the time part) and within one (the counter).
+        format!("j{:x}-{}", secs & 0xffff_ffff, t.next)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Job> {
+        self.lock().jobs.get(id).map(|r| r.job.clone())
+    }
+
+    pub fn list(&self) -> Vec<JobSummary> {
+        self.lock()
+            .jobs
+            .values()
+            .map(|r| JobSummary {
+                id: r.job.id.clone(),
+                tenant: r.job.tenant.clone(),
+                state: r.job.state,
+                functions: r.job.functions.len(),
+                exited: r
+                    .job
+                    .functions
+                    .iter()
+                    .filter(|f| f.state != FunctionState::Running)
+                    .count(),
+            })
+            .collect()
+    }
+
+    /// The agent holding `rank` of job `id`.
+    pub fn agent_of(&self, id: &str, rank: usize) -> Option<SocketAddr> {
+        let t = self.lock();
+        let r = t.jobs.get(id)?;
+        let node = &r.job.functions.get(rank)?.node;
+        r.agents.get(node).copied()
+    }
+
+    /// Waits until job `id` has ended or `timeout` passed; the job as it is then.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Option<Job> {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.get(id)?;
+            if job.state != JobState::Running {
+                return Some(job);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Some(job);
+            }
+        }
+    }
+
+    /// Records functions that ended (reported by `node`'s agent).
+    pub fn record_exits(&self, node: &str, exits: Vec<FunctionExit>) {
+        let mut t = self.lock();
+        let mut ended = Vec::new();
+        for exit in exits {
+            let Some(r) = t.jobs.get_mut(&exit.job) else {
+                continue; // a job this controller forgot (restart) or dropped
+            };
+            let Some(f) = r.job.functions.get_mut(exit.rank) else {
+                continue;
+            };
+            if f.node != node || f.state != FunctionState::Running {
+                continue;
+            }
+            f.state = FunctionState::Exited;
+            f.exit_code = exit.exit_code;
+            f.error = exit.error;
+            f.output = Some(exit.output);
+            if settle(r) {
+                ended.push(r.job.id.clone());
+            }
+        }
+        retire(&mut t, ended);
+        drop(t);
+        self.notify();
+    }
+
+    /// Functions on nodes that went away will never report: they are lost.
+    pub fn nodes_lost(&self, nodes: &[String]) {
+        let mut t = self.lock();
+        let mut ended = Vec::new();
+        for r in t.jobs.values_mut() {
+            if r.job.state != JobState::Running {
+                continue;
+            }
+            for f in &mut r.job.functions {
+                if f.state == FunctionState::Running && nodes.contains(&f.node) {
+                    f.state = FunctionState::Lost;
+                    f.error = Some(format!("node {} went away", f.node));
+                }
+            }
+            if settle(r) {
+                ended.push(r.job.id.clone());
+            }
+        }
+        retire(&mut t, ended);
+        drop(t);
+        self.notify();
+    }
+
+    /// Marks what still runs as cancelled; returns the job's agents to tell.
+    fn cancel(&self, id: &str) -> Option<(Job, BTreeMap<String, SocketAddr>)> {
+        let mut t = self.lock();
+        let r = t.jobs.get_mut(id)?;
+        if r.job.state == JobState::Running {
+            for f in &mut r.job.functions {
+                if f.state == FunctionState::Running {
+                    f.state = FunctionState::Cancelled;
+                }
+            }
+            r.job.state = JobState::Cancelled;
+            r.job.duration_ms = Some(ms(r.started.elapsed()));
+            let id = r.job.id.clone();
+            retire(&mut t, vec![id.clone()]);
+            let r = t.jobs.get(&id)?;
+            let out = (r.job.clone(), r.agents.clone());
+            drop(t);
+            self.notify();
+            return Some(out);
+        }
+        Some((r.job.clone(), BTreeMap::new()))
+    }
+}
+
+/// Ends the job if every function has; true if it just ended.
+fn settle(r: &mut JobRecord) -> bool {
+    if r.job.state != JobState::Running
+        || r.job
+            .functions
+            .iter()
+            .any(|f| f.state == FunctionState::Running)
+    {
+        return false;
+    }
+    let all_ok = r
+        .job
+        .functions
+        .iter()
+        .all(|f| f.state == FunctionState::Exited && f.exit_code == Some(0));
+    r.job.state = if all_ok {
+        JobState::Succeeded
+    } else {
+        JobState::Failed
+    };
+    r.job.duration_ms = Some(ms(r.started.elapsed()));
+    true
+}
+
+/// Keeps the most recent ended jobs only.
+fn retire(t: &mut Table, ended: Vec<String>) {
+    t.ended.extend(ended);
+    while t.ended.len() > RETAINED_JOBS {
+        if let Some(old) = t.ended.pop_front() {
+            t.jobs.remove(&old);
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn bad(message: impl Into<String>) -> HttpError {
+    HttpError::new(StatusCode::BAD_REQUEST, message)
+}
+
+/// An agent's refusal, passed on with the node's name; unreachable agents
+/// and server errors are 502.
+fn agent_error(node: &str, e: ClientError) -> HttpError {
+    match e.status() {
+        Some(s) if s.is_client_error() => HttpError::new(s, format!("node {node}: {e}")),
+        _ => HttpError::new(StatusCode::BAD_GATEWAY, format!("node {node}: {e}")),
+    }
+}
+
+/// `POST /v1/jobs`.
+pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
+    let start = Instant::now();
+    if req.functions == 0 {
+        return Err(bad("a job needs at least one function"));
+    }
+    if req.functions > MAX_FUNCTIONS {
+        return Err(bad(format!(
+            "{} functions is more than the {MAX_FUNCTIONS} one job may have",
+            req.functions
+        )));
+    }
+    let program = match req.command.argv.first() {
+        Some(p) if !p.is_empty() => p.clone(),
+        _ => return Err(bad("command.argv is empty: a job needs a program to run")),
+    };
+    let mut agents = {
+        let state = c.lock();
+        state.tenant(&req.tenant)?;
+        state.launchers()
+    };
+    if let Some(wanted) = &req.placement.nodes {
+        if let Some(unknown) = wanted.iter().find(|n| !agents.iter().any(|(a, _)| a == *n)) {
+            return Err(bad(format!(
+                "placement names node {unknown:?}, which is not a live node that can launch"
+            )));
+        }
+        agents.retain(|(name, _)| wanted.contains(name));
+    }
+    if agents.is_empty() {
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no live node can launch functions",
+        ));
+    }
+    if let Some(max) = req.placement.max_per_node {
+        if max == 0 || req.functions > max * agents.len() {
+            return Err(bad(format!(
+                "{} functions do not fit {} nodes at {max} per node",
+                req.functions,
+                agents.len()
+            )));
+        }
+    }
+    let port = req.port.unwrap_or(DEFAULT_FUNCTION_PORT);
+    let id = c.jobs().new_id();
+    // Round-robin: neighbouring ranks land on different nodes.
+    let node_of = |rank: usize| rank % agents.len();
+    let mut ranks: Vec<Vec<usize>> = vec![Vec::new(); agents.len()];
+    for rank in 0..req.functions {
+        ranks[node_of(rank)].push(rank);
+    }
+    let client = |addr: SocketAddr| ApiClient::direct(addr, c.token().to_string());
+
+    // 1. Reserve endpoints everywhere at once.
+    let reserves = agents.iter().zip(&ranks).map(|((node, addr), ranks)| {
+        let body = ReserveFunctions {
+            tenant: req.tenant.clone(),
+            ranks: ranks.clone(),
+            program: program.clone(),
+            runtime: req.runtime,
+        };
+        let path = format!("/v1/jobs/{id}/reserve");
+        let api = client(*addr);
+        async move {
+            let r: Result<Reserved, _> = api.call(Method::POST, &path, Some(&body)).await;
+            r.map_err(|e| agent_error(node, e))
+        }
+    });
+    let reserved = join_all(reserves).await;
+    // A refusal (bad command, unknown tenant on the node) fails the job
+    // before anything runs; an unreachable node only fails its functions.
+    if let Some(refusal) = reserved
+        .iter()
+        .find_map(|r| r.as_ref().err().filter(|e| e.status.is_client_error()))
+    {
+        let refusal = HttpError::new(refusal.status, refusal.message.clone());
+        release_all(c, &id, &agents).await;
+        return Err(refusal);
+    }
+    let mut functions: Vec<FunctionStatus> = (0..req.functions)
+        .map(|rank| FunctionStatus {
+            rank,
+            node: agents[node_of(rank)].0.clone(),
+            address: None,
+            state: FunctionState::Failed,
+            exit_code: None,
+            cold: false,
+            error: Some("no endpoint".into()),
+            output: None,
+        })
+        .collect();
+    for (result, (node, _)) in reserved.into_iter().zip(&agents) {
+        match result {
+            Ok(r) => {
+                for ep in r.endpoints {
+                    if let Some(f) = functions.get_mut(ep.rank) {
+                        f.address = ep.address;
+                        f.cold = ep.cold;
+                        f.error = ep.error;
+                        if ep.address.is_some() {
+                            f.state = FunctionState::Running;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for f in functions.iter_mut().filter(|f| &f.node == node) {
+                    f.error = Some(e.message.clone());
+                }
+            }
+        }
+    }
+    let peers: Vec<String> = functions
+        .iter()
+        .map(|f| match f.address {
+            Some(a) => format!("{a}:{port}"),
+            None => format!("0.0.0.0:{port}"),
+        })
+        .collect();
+    let warm = functions
+        .iter()
+        .filter(|f| f.address.is_some() && !f.cold)
+        .count();
+    let cold = functions.iter().filter(|f| f.cold).count();
+    {
+        // Registered before the start so that early exits find the job.
+        let mut t = c.jobs().lock();
+        t.jobs.insert(
+            id.clone(),
+            JobRecord {
+                job: Job {
+                    id: id.clone(),
+                    tenant: req.tenant.clone(),
+                    state: JobState::Running,
+                    functions,
+                    warm,
+                    cold,
+                    launch_ms: 0.0,
+                    duration_ms: None,
+                },
+                started: start,
+                agents: agents.iter().cloned().collect(),
+            },
+        );
+    }
+
+    // 2. Start everywhere at once, every function knowing every peer.
+    let starts = agents.iter().map(|(node, addr)| {
+        let body = StartFunctions {
+            command: req.command.clone(),
+            runtime: req.runtime,
+            size: req.functions,
+            peers: peers.clone(),
+        };
+        let path = format!("/v1/jobs/{id}/start");
+        let api = client(*addr);
+        async move {
+            let r: Result<Started, _> = api.call(Method::POST, &path, Some(&body)).await;
+            (node.clone(), r)
+        }
+    });
+    let started = join_all(starts).await;
+    let launch_ms = ms(start.elapsed());
+    let mut t = c.jobs().lock();
+    let Some(record) = t.jobs.get_mut(&id) else {
+        return Err(HttpError::new(
+            StatusCode::GONE,
+            "the job was dropped during its launch",
+        ));
+    };
+    record.job.launch_ms = launch_ms;
+    for (node, result) in started {
+        match result {
+            Ok(s) => {
+                for failure in s.failed {
+                    if let Some(f) = record.job.functions.get_mut(failure.rank) {
+                        f.state = FunctionState::Failed;
+                        f.error = Some(failure.error);
+                    }
+                }
+            }
+            Err(e) => {
+                for f in record
+                    .job
+                    .functions
+                    .iter_mut()
+                    .filter(|f| f.node == node && f.state == FunctionState::Running)
+                {
+                    f.state = FunctionState::Failed;
+                    f.error = Some(format!("node {node}: {e}"));
+                }
+            }
+        }
+    }
+    let ended = settle(record).then(|| id.clone());
+    let job = record.job.clone();
+    retire(&mut t, ended.into_iter().collect());
+    drop(t);
+    c.jobs().notify();
+    tracing::info!(job = %job.id, functions = job.functions.len(), warm, cold, launch_ms, "job launched");
+    Ok(job)
+}
+
+/// Tells every agent to drop what it holds for job `id`.
+async fn release_all(c: &Controller, id: &str, agents: &[(String, SocketAddr)]) {
+    let calls = agents.iter().map(|(node, addr)| {
+        let api = ApiClient::direct(*addr, c.token().to_string());
+        let path = format!("/v1/jobs/{id}");
+        async move {
+            if let Err(e) = api.send::<()>(Method::DELETE, &path, None).await {
+                tracing::warn!("releasing job {id} on {node}: {e}");
+            }
+        }
+    });
+    join_all(calls).await;
+}
+
+/// `DELETE /v1/jobs/{id}`.
+pub async fn cancel(c: &Controller, id: &str) -> Result<Job, HttpError> {
+    let (job, agents) = c
+        .jobs()
+        .cancel(id)
+        .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, format!("unknown job {id:?}")))?;
+    let agents: Vec<(String, SocketAddr)> = agents.into_iter().collect();
+    release_all(c, id, &agents).await;
+    Ok(job)
+}
