@@ -2,6 +2,7 @@
 
 mod cluster;
 mod config;
+mod demo;
 mod launch;
 
 use anyhow::{Context, Result};
@@ -46,6 +47,9 @@ enum Command {
     /// Launches a burst of functions on a tenant's overlay and follows it,
     /// e.g. `particle launch --tenant a -n 100 -- particle-fn ring`.
     Launch(launch::LaunchArgs),
+    /// The main job: the video pipeline on a local cluster with embedded
+    /// defaults; prints a summary and writes the output and a timeline plot.
+    Demo(demo::DemoArgs),
     /// Jobs: list, status, cancel, output.
     Job {
         #[command(subcommand)]
@@ -264,6 +268,7 @@ fn main() -> Result<()> {
         }
         Command::Agent(args) => agent(args)?,
         Command::Launch(args) => launch::launch(args)?,
+        Command::Demo(args) => demo::run(&args)?,
         Command::Job { job } => launch::job(job)?,
         Command::Fn { args } => {
             if let Err(e) = particle_workloads::jobs::run(&args) {
