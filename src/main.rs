@@ -1,5 +1,6 @@
 //! `particle`: the one command operators run.
 
+mod bench_pipeline;
 mod cluster;
 mod config;
 mod demo;
@@ -193,6 +194,8 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// The video pipeline on Particle (warm) vs the baselines, job time and ratio.
+    Pipeline(bench_pipeline::PipelineArgs),
 }
 
 fn main() -> Result<()> {
@@ -226,6 +229,16 @@ fn main() -> Result<()> {
             }
             if report.leaked > 0 {
                 anyhow::bail!("{} objects leaked", report.leaked);
+            }
+        }
+        Command::Bench {
+            bench: Bench::Pipeline(args),
+        } => {
+            let report = bench_pipeline::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench_pipeline::render(&report));
             }
         }
         Command::Cluster {

@@ -78,11 +78,25 @@ pub fn run_local(
     envs: &[FunctionEnv],
     timeout: Duration,
 ) -> io::Result<Vec<FunctionOutput>> {
+    run_with(envs, timeout, |_| {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        cmd
+    })
+}
+
+/// Like [`run_local`], with the command of each function made by `command`
+/// (e.g. to start it in another network namespace); its environment and
+/// stdio are set here.
+pub fn run_with(
+    envs: &[FunctionEnv],
+    timeout: Duration,
+    command: impl Fn(&FunctionEnv) -> Command,
+) -> io::Result<Vec<FunctionOutput>> {
     let deadline = Instant::now() + timeout;
     let mut running = Vec::with_capacity(envs.len());
     for env in envs {
-        let mut child = Command::new(program)
-            .args(args)
+        let mut child = command(env)
             .envs(env.vars())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
