@@ -5,5 +5,6 @@
 pub mod baselines;
 pub mod endpoints;
 pub mod pipeline;
+pub mod pipeline_baseline;
 pub mod stats;
 pub mod timeline;
