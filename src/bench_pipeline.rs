@@ -79,8 +79,9 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport> {
     let program = video_program()?;
     let dir = absolute(&args.dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let spec_for = |system: &str| {
-        PipelineSpec::new(
+    let spec_for = |system: &str| PipelineSpec {
+        nice: Some(10),
+        ..PipelineSpec::new(
             args.functions,
             args.frames_per_function,
             dir.join(format!("{system}.h264")),

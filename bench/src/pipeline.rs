@@ -27,6 +27,9 @@ pub struct PipelineSpec {
     /// Where the collector writes the stream (a path every node sees).
     pub output: PathBuf,
     pub timeout: Duration,
+    /// Run the functions under `nice -n N`: a burst that fills every core
+    /// must not starve the control plane (agents' heartbeats) on a small machine.
+    pub nice: Option<u8>,
 }
 
 impl PipelineSpec {
@@ -40,12 +43,17 @@ impl PipelineSpec {
             seed: 1,
             output,
             timeout: Duration::from_secs(300),
+            nice: None,
         }
     }
 
     /// The command every function runs.
     pub fn argv(&self, program: &Path) -> Vec<String> {
-        vec![
+        let mut argv = match self.nice {
+            Some(n) => vec!["nice".into(), "-n".into(), n.to_string()],
+            None => Vec::new(),
+        };
+        argv.extend([
             program.display().to_string(),
             "--output".into(),
             self.output.display().to_string(),
@@ -59,7 +67,8 @@ impl PipelineSpec {
             self.seed.to_string(),
             "--timeout-s".into(),
             self.timeout.as_secs().max(1).to_string(),
-        ]
+        ]);
+        argv
     }
 }
 
