@@ -316,6 +316,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         args.frames_per_function,
         absolute(&args.output)?,
     );
+    // The whole burst encodes at once: keep the agents' heartbeats ahead of it.
+    spec.nice = Some(10);
     spec.width = args.width;
     spec.height = args.height;
     let plot = absolute(&args.plot)?;
