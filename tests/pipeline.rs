@@ -74,3 +74,43 @@ fn eight_functions_over_two_nodes_write_a_playable_stream() {
     // A row per function: network wait and its four phases.
     assert!(svg.matches("<title>").count() >= 8 * 5, "{svg}");
 }
+
+#[test]
+fn the_pipeline_benchmark_reports_every_system_and_the_ratio() {
+    common::require_root();
+    let dir = std::env::temp_dir().join(format!(
+        "particle-bench-pipeline-test-{}",
+        std::process::id()
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_particle"))
+        .args(["bench", "pipeline", "--nodes", "2", "--functions", "6"])
+        .args([
+            "--frames-per-function",
+            "1",
+            "--port",
+            "18354",
+            "--json",
+            "--dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for system in ["particle", "linux_overlay", "no_network"] {
+        let s = &report[system];
+        assert!(s["job_s"].as_f64().unwrap() > 0.0, "{system}: {s}");
+        assert_eq!(s["frames"], 6, "{system}");
+        assert_eq!(s["cross_node_exchanges"], 10, "{system}");
+    }
+    let ratio = report["ratio"].as_f64().unwrap();
+    let want = report["linux_overlay"]["job_s"].as_f64().unwrap()
+        / report["particle"]["job_s"].as_f64().unwrap();
+    assert!((ratio - want).abs() < 1e-9, "{ratio} vs {want}");
+}
