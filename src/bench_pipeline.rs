@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use particle_bench::pipeline::{evaluate, FunctionRun, PipelineResult, PipelineSpec};
-use particle_bench::pipeline_baseline::LinuxOverlay;
+use particle_bench::pipeline_baseline::Baseline;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
 use particle_workloads::local::{local_envs, run_with};
@@ -63,6 +63,9 @@ pub struct PipelineReport {
     /// Bridges and VXLAN wired by hand with iproute2, each function's
     /// network built at launch (`particle_bench::pipeline_baseline`).
     pub linux_overlay: SystemResult,
+    /// The CNI reference `bridge` plugin per function, host-gw routes
+    /// between nodes (`particle_bench::pipeline_baseline`).
+    pub cni_bridge: SystemResult,
     /// Hand-built Linux overlay job time / Particle job time.
     pub ratio: f64,
 }
@@ -90,6 +93,7 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport> {
 
     let no_network = run_no_network(&spec_for("no-network"), args.nodes, &program)?;
     let linux_overlay = run_linux_overlay(&spec_for("linux-overlay"), args.nodes, &program)?;
+    let cni_bridge = run_cni_bridge(&spec_for("cni-bridge"), args.nodes, &program)?;
     let particle = run_particle(&spec_for("particle"), args, &program)?;
     Ok(PipelineReport {
         functions: args.functions,
@@ -99,6 +103,7 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport> {
         particle,
         no_network,
         linux_overlay,
+        cni_bridge,
     })
 }
 
@@ -132,12 +137,29 @@ fn run_linux_overlay(
     program: &std::path::Path,
 ) -> Result<SystemResult> {
     let start = std::time::Instant::now();
-    let mut overlay = LinuxOverlay::build(nodes, "10.250.0.0/24", [10, 249])?;
+    let mut overlay = Baseline::linux_overlay(nodes, "10.250.0.0/24", [10, 249])?;
     let prepare_s = start.elapsed().as_secs_f64();
     let (submitted, runs) = overlay.launch(&spec.argv(program), spec.functions, spec.timeout)?;
     Ok(SystemResult {
         prepare_s,
         run: evaluate(spec, submitted, &runs).context("the linux-overlay run")?,
+    })
+}
+
+/// The CNI bridge plugin: nodes' routes set before the clock starts, each
+/// function's network added by the plugin at launch.
+fn run_cni_bridge(
+    spec: &PipelineSpec,
+    nodes: usize,
+    program: &std::path::Path,
+) -> Result<SystemResult> {
+    let start = std::time::Instant::now();
+    let mut cni = Baseline::cni_bridge(nodes, "10.248.0.0/24", [10, 247])?;
+    let prepare_s = start.elapsed().as_secs_f64();
+    let (submitted, runs) = cni.launch(&spec.argv(program), spec.functions, spec.timeout)?;
+    Ok(SystemResult {
+        prepare_s,
+        run: evaluate(spec, submitted, &runs).context("the cni-bridge run")?,
     })
 }
 
@@ -182,6 +204,7 @@ pub fn render(r: &PipelineReport) -> String {
     for (name, sys) in [
         ("particle", &r.particle),
         ("linux overlay", &r.linux_overlay),
+        ("cni bridge", &r.cni_bridge),
         ("no network", &r.no_network),
     ] {
         s += &format!(

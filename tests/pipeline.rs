@@ -103,7 +103,7 @@ fn the_pipeline_benchmark_reports_every_system_and_the_ratio() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for system in ["particle", "linux_overlay", "no_network"] {
+    for system in ["particle", "linux_overlay", "cni_bridge", "no_network"] {
         let s = &report[system];
         assert!(s["job_s"].as_f64().unwrap() > 0.0, "{system}: {s}");
         assert_eq!(s["frames"], 6, "{system}");
