@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use particle_net::scratch::ScratchNode;
 use particle_controller::client::{ApiClient, Method};
+use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Endpoint, NetNs, Run};
 
 /// Where a running cluster's files live.
@@ -228,7 +228,11 @@ impl LocalCluster {
     /// A client of the controller, dialling inside the underlay.
     pub fn api(&self) -> Result<ApiClient> {
         let dial = particle_controller::client::dial_in(self.fabric.netns.try_clone()?);
-        Ok(ApiClient::new(self.controller_addr, self.token.clone(), dial))
+        Ok(ApiClient::new(
+            self.controller_addr,
+            self.token.clone(),
+            dial,
+        ))
     }
 
     pub fn nodes(&self) -> Vec<NodeHandle<'_>> {

@@ -1,7 +1,9 @@
 //! `particle`: the one command operators run.
 
+mod bench_pipeline;
 mod cluster;
 mod config;
+mod demo;
 mod launch;
 
 use anyhow::{Context, Result};
@@ -46,6 +48,9 @@ enum Command {
     /// Launches a burst of functions on a tenant's overlay and follows it,
     /// e.g. `particle launch --tenant a -n 100 -- particle-fn ring`.
     Launch(launch::LaunchArgs),
+    /// The main job: the video pipeline on a local cluster with embedded
+    /// defaults; prints a summary and writes the output and a timeline plot.
+    Demo(demo::DemoArgs),
     /// Jobs: list, status, cancel, output.
     Job {
         #[command(subcommand)]
@@ -249,6 +254,8 @@ enum Bench {
         #[arg(long, default_value_t = particle_bench::reuse::REQUEST_ANSWER)]
         size: u64,
     },
+    /// The video pipeline on Particle (warm) vs the baselines, job time and ratio.
+    Pipeline(bench_pipeline::PipelineArgs),
 }
 
 fn main() -> Result<()> {
@@ -325,6 +332,16 @@ fn main() -> Result<()> {
                 anyhow::bail!("{} links leaked", report.leaked);
             }
         }
+        Command::Bench {
+            bench: Bench::Pipeline(args),
+        } => {
+            let report = bench_pipeline::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", bench_pipeline::render(&report));
+            }
+        }
         Command::Cluster {
             cluster:
                 ClusterCommand::Up {
@@ -365,6 +382,7 @@ fn main() -> Result<()> {
         }
         Command::Agent(args) => agent(*args)?,
         Command::Launch(args) => launch::launch(args)?,
+        Command::Demo(args) => demo::run(&args)?,
         Command::Job { job } => launch::job(job)?,
         Command::Fn { args } => {
             if let Err(e) = particle_workloads::jobs::run(&args) {

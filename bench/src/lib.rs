@@ -7,5 +7,8 @@ pub mod baselines;
 pub mod cni_add;
 pub mod delay_line;
 pub mod endpoints;
+pub mod pipeline;
+pub mod pipeline_baseline;
 pub mod reuse;
 pub mod stats;
+pub mod timeline;

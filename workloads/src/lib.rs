@@ -4,10 +4,24 @@
 //!   peers), the contract between the launcher and the functions.
 //! - [`ring`]: the startup probe: each function reaches a peer on another
 //!   node and exchanges a message; the benchmarks time it.
+//! - [`source`]: the video pipeline's generated source video and its
+//!   temporal filter; the pipeline itself is the `particle-video` crate
+//!   (workloads/video), kept apart because it links a C++ codec.
+//! - [`shuffle`]: the all-to-all exchange, network heavy, checksummed.
+//! - [`local`]: runs a job as plain processes on loopback (tests, floor).
+//! - [`wire`]: acknowledged framed messages between functions; [`timeline`]:
+//!   the `phase=` lines functions print for the job's timeline plot.
 //!
 //! `particle-fn` (src/bin) is the binary functions run, one subcommand per
-//! job ([`jobs`]); `particle fn` runs the same jobs.
+//! job ([`jobs`]: ring, shuffle); `particle fn` runs the same jobs. The video
+//! job is `particle-video` (workloads/video).
 
+pub mod args;
 pub mod env;
 pub mod jobs;
+pub mod local;
 pub mod ring;
+pub mod shuffle;
+pub mod source;
+pub mod timeline;
+pub mod wire;

@@ -1,7 +1,9 @@
 //! `particle-fn JOB [options]`: the program a burst's functions run. It reads
 //! the launcher's environment (see `particle_workloads::env`) and runs one
-//! function of the named job. std only and no argument parser crate, so that
-//! its own start-up stays a small part of what the benchmarks measure.
+//! function of the named job. std only, no argument parser crate and no
+//! codec (the video job is `particle-video`: linking OpenH264 and libstdc++
+//! made every start ~0.3 ms slower), so that its own start-up stays a small
+//! part of what the benchmarks measure.
 
 use std::process::ExitCode;
 

@@ -1,0 +1,403 @@
+//! `particle demo`: the video pipeline on a local cluster, end to end, with
+//! embedded defaults. It starts `particle cluster up` (the same machinery
+//! as the command, as a child that dies with us), creates a tenant, prewarms
+//! its pools, launches the pipeline through the burst launch API, checks the
+//! output by decoding it, prints a summary and writes the timeline plot.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use particle_bench::pipeline::{
+    evaluate, timeline_rows, FunctionRun, PipelineResult, PipelineSpec,
+};
+use particle_controller::api::{
+    CreateTenant, FunctionCommand, Job, JobState, LaunchJob, Node, Placement, RuntimeKind, Tenant,
+    WarmTarget,
+};
+use particle_controller::client::{ApiClient, Method};
+use particle_workloads::ring::now_ns;
+use serde::Serialize;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Nodes of the local cluster.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Functions (one chunk of the video each).
+    #[arg(long, default_value_t = 24)]
+    pub functions: usize,
+    /// Frames each function encodes.
+    #[arg(long, default_value_t = 8)]
+    pub frames_per_function: usize,
+    #[arg(long, default_value_t = 320)]
+    pub width: usize,
+    #[arg(long, default_value_t = 240)]
+    pub height: usize,
+    /// The H.264 stream the pipeline writes.
+    #[arg(long, default_value = "particle-demo.h264")]
+    pub output: PathBuf,
+    /// The timeline plot (SVG).
+    #[arg(long, default_value = "particle-demo-timeline.svg")]
+    pub plot: PathBuf,
+    /// The local cluster's controller port (relayed on 127.0.0.1).
+    #[arg(long, default_value_t = 7790)]
+    pub port: u16,
+    /// The cluster's underlay subnet (inside its namespaces only).
+    #[arg(long, default_value = "10.253.0.0/24")]
+    pub underlay: String,
+    /// The demo tenant's overlay subnet.
+    #[arg(long, default_value = "10.230.0.0/16")]
+    pub subnet: String,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A `particle cluster up` child: stopped (SIGTERM, then waited for) when
+/// dropped, and killed by the kernel if we die first.
+pub struct ClusterProcess {
+    child: Child,
+    pub controller: SocketAddr,
+    pub token: String,
+}
+
+impl ClusterProcess {
+    pub fn start(nodes: usize, port: u16, underlay: &str, pool_size: usize) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the particle binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["cluster", "up", "--nodes", &nodes.to_string()])
+            .args(["--port", &port.to_string(), "--underlay", underlay])
+            .args(["--pool-size", &pool_size.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: prctl is async-signal-safe; the cluster stops if we die.
+        unsafe {
+            cmd.pre_exec(|| {
+                if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting `particle cluster up`")?;
+        let stdout = child.stdout.take().context("the cluster's stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut cluster = Self {
+            child,
+            controller: SocketAddr::from(([127, 0, 0, 1], port)),
+            token: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut token_file = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => bail!("the local cluster did not come up in 60 s"),
+            };
+            if let Some(path) = line.trim().strip_prefix("token") {
+                token_file = Some(PathBuf::from(path.trim()));
+            }
+            if line.starts_with("ready") {
+                break;
+            }
+        }
+        let token_file = token_file.context("the cluster printed no token file")?;
+        cluster.token = std::fs::read_to_string(&token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?
+            .trim()
+            .to_string();
+        Ok(cluster)
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::direct(self.controller, self.token.clone())
+    }
+}
+
+impl Drop for ClusterProcess {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `particle-video` binary next to this one (the function's program).
+pub fn video_program() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the particle binary")?;
+    let program = exe.with_file_name("particle-video");
+    if !program.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p particle-video`",
+            program.display()
+        );
+    }
+    Ok(program)
+}
+
+/// An absolute path (functions do not share our working directory).
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+/// Creates `tenant`, sets its warm target to cover the burst and waits
+/// until every node has that many endpoints ready.
+pub async fn prepare_tenant(
+    api: &ApiClient,
+    tenant: &str,
+    vni: u32,
+    subnet: &str,
+    per_node: usize,
+) -> Result<Duration> {
+    let _: Tenant = api
+        .call(
+            Method::POST,
+            "/v1/tenants",
+            Some(&CreateTenant {
+                name: tenant.into(),
+                vni,
+                subnet: subnet.into(),
+                block_prefix: None,
+                warm_per_node: Some(per_node),
+            }),
+        )
+        .await
+        .context("creating the tenant")?;
+    let _: Tenant = api
+        .call(
+            Method::PUT,
+            &format!("/v1/tenants/{tenant}/warm"),
+            Some(&WarmTarget {
+                per_node: Some(per_node),
+            }),
+        )
+        .await
+        .context("setting the warm target")?;
+    let start = Instant::now();
+    loop {
+        let nodes: Vec<Node> = api.call::<(), _>(Method::GET, "/v1/nodes", None).await?;
+        let ready: Vec<usize> = nodes
+            .iter()
+            .filter(|n| n.api_port.is_some())
+            .map(|n| n.pools.get(tenant).map_or(0, |p| p.ready))
+            .collect();
+        if !ready.is_empty() && ready.iter().all(|r| *r >= per_node) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("pools not warm after 300 s: {ready:?} of {per_node} per node");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Launches the pipeline on `tenant` and waits for it; returns when it was
+/// submitted (wall ns), the job, and every function's run.
+pub async fn launch_pipeline(
+    api: &ApiClient,
+    tenant: &str,
+    spec: &PipelineSpec,
+    program: &Path,
+) -> Result<(u128, Job, Vec<FunctionRun>)> {
+    let request = LaunchJob {
+        tenant: tenant.into(),
+        functions: spec.functions,
+        command: FunctionCommand {
+            argv: spec.argv(program),
+            env: Default::default(),
+        },
+        placement: Placement::default(),
+        runtime: RuntimeKind::Builtin,
+        port: None,
+    };
+    let submitted = now_ns();
+    let job: Job = api
+        .call(Method::POST, "/v1/jobs", Some(&request))
+        .await
+        .context("launching the pipeline")?;
+    let deadline = Instant::now() + spec.timeout + Duration::from_secs(30);
+    let job = loop {
+        let path = format!("/v1/jobs/{}?wait_s=5&output=true", job.id);
+        let job: Job = api.call::<(), _>(Method::GET, &path, None).await?;
+        if job.state != JobState::Running {
+            break job;
+        }
+        if Instant::now() > deadline {
+            let _: Result<Job, _> = api
+                .call::<(), _>(Method::DELETE, &format!("/v1/jobs/{}", job.id), None)
+                .await;
+            bail!("the pipeline did not end in time; cancelled");
+        }
+    };
+    if job.state != JobState::Succeeded {
+        let failed: Vec<String> = job
+            .functions
+            .iter()
+            .filter(|f| f.exit_code != Some(0))
+            .take(3)
+            .map(|f| {
+                format!(
+                    "rank {} on {}: {:?} {}\n{}",
+                    f.rank,
+                    f.node,
+                    f.exit_code,
+                    f.error.clone().unwrap_or_default(),
+                    f.output.clone().unwrap_or_default()
+                )
+            })
+            .collect();
+        bail!(
+            "job {} ended {:?}:\n{}",
+            job.id,
+            job.state,
+            failed.join("\n")
+        );
+    }
+    let runs = job
+        .functions
+        .iter()
+        .map(|f| FunctionRun {
+            rank: f.rank,
+            node: f.node.clone(),
+            stdout: f.output.clone().unwrap_or_default(),
+        })
+        .collect();
+    Ok((submitted, job, runs))
+}
+
+#[derive(Debug, Serialize)]
+struct DemoSummary {
+    #[serde(flatten)]
+    result: PipelineResult,
+    launch_ms: f64,
+    warm: usize,
+    cold: usize,
+    prewarm_s: f64,
+    plot: PathBuf,
+}
+
+pub fn run(args: &DemoArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo starts a local cluster (network namespaces): run it as root");
+    }
+    anyhow::ensure!(
+        args.nodes >= 1 && args.functions >= 1,
+        "need at least one node and one function"
+    );
+    let program = video_program()?;
+    let mut spec = PipelineSpec::new(
+        args.functions,
+        args.frames_per_function,
+        absolute(&args.output)?,
+    );
+    // The whole burst encodes at once: keep the agents' heartbeats ahead of it.
+    spec.nice = Some(10);
+    spec.width = args.width;
+    spec.height = args.height;
+    let plot = absolute(&args.plot)?;
+    let per_node = args.functions.div_ceil(args.nodes);
+
+    eprintln!("starting a local cluster of {} nodes ...", args.nodes);
+    let cluster = ClusterProcess::start(args.nodes, args.port, &args.underlay, per_node)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (summary, rows) = runtime.block_on(async {
+        let api = cluster.client();
+        let prewarm = prepare_tenant(&api, "demo", 4242, &args.subnet, per_node).await?;
+        eprintln!(
+            "tenant demo ({}): {per_node} warm endpoints per node in {:.1} s; launching {} functions ...",
+            args.subnet,
+            prewarm.as_secs_f64(),
+            args.functions
+        );
+        let (submitted, job, runs) = launch_pipeline(&api, "demo", &spec, &program).await?;
+        let result = evaluate(&spec, submitted, &runs)?;
+        let rows = timeline_rows(submitted, &runs);
+        anyhow::Ok((
+            DemoSummary {
+                result,
+                launch_ms: job.launch_ms,
+                warm: job.warm,
+                cold: job.cold,
+                prewarm_s: prewarm.as_secs_f64(),
+                plot: plot.clone(),
+            },
+            rows,
+        ))
+    })?;
+    drop(cluster);
+
+    let title = format!(
+        "video pipeline on Particle: {} functions on {} nodes, {} frames {}x{}",
+        summary.result.functions,
+        summary.result.nodes,
+        summary.result.frames,
+        summary.result.width,
+        summary.result.height
+    );
+    particle_bench::timeline::write_svg(&plot, &title, &rows)
+        .with_context(|| format!("writing {}", plot.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", render(&summary));
+    }
+    Ok(())
+}
+
+fn render(s: &DemoSummary) -> String {
+    let r = &s.result;
+    format!(
+        "video pipeline on Particle\n\
+         \x20 functions   {} on {} nodes ({} warm, {} cold endpoints)\n\
+         \x20 startup     p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (submission to function start)\n\
+         \x20 launch      {:.1} ms (API: request to every function started)\n\
+         \x20 job         {:.3} s (submission to the last function's end)\n\
+         \x20 exchange    {} boundary frames, {} across nodes\n\
+         \x20 output      {} ({} frames {}x{}, {} bytes, decoded and checked)\n\
+         \x20 timeline    {}\n",
+        r.functions,
+        r.nodes,
+        s.warm,
+        s.cold,
+        r.startup_p50_ms,
+        r.startup_p90_ms,
+        r.startup_p99_ms,
+        r.startup_max_ms,
+        s.launch_ms,
+        r.job_s,
+        r.exchanges,
+        r.cross_node_exchanges,
+        r.output.display(),
+        r.frames,
+        r.width,
+        r.height,
+        r.output_bytes,
+        s.plot.display()
+    )
+}
