@@ -14,7 +14,7 @@ use particle_workloads::local::{local_envs, run_with};
 use particle_workloads::ring::now_ns;
 use serde::Serialize;
 
-use crate::demo::{absolute, launch_pipeline, prepare_tenant, video_program, ClusterProcess};
+use crate::demo::{absolute, launch_pipeline, local_cluster, prepare_tenant, video_program};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineArgs {
@@ -116,10 +116,10 @@ fn run_particle(
     program: &std::path::Path,
 ) -> Result<SystemResult> {
     let per_node = args.functions.div_ceil(args.nodes);
-    let cluster = ClusterProcess::start(args.nodes, args.port, &args.underlay, per_node)?;
+    let cluster = local_cluster(args.nodes, args.port, &args.underlay, per_node, 16)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let api = cluster.client();
+        let api = cluster.api()?;
         let prepare = prepare_tenant(&api, "bench", 4343, "10.96.0.0/12", per_node).await?;
         let (submitted, _job, runs) = launch_pipeline(&api, "bench", spec, program).await?;
         Ok(SystemResult {

@@ -110,7 +110,8 @@ fn spawn_child(ns: &NetNs, args: &[String], log: &Path) -> Result<Child> {
 pub struct LocalCluster {
     children: Vec<ChildGuard>,
     runtime: tokio::runtime::Runtime,
-    hosts: Vec<Endpoint>,
+    // Held for the cluster's lifetime: the nodes' namespaces.
+    _hosts: Vec<Endpoint>,
     fabric: ScratchNode,
     token: String,
     controller_addr: SocketAddr,
@@ -118,13 +119,6 @@ pub struct LocalCluster {
     sockets: Vec<(IpAddr, PathBuf)>,
     dir: RemoveDir,
     run: Run,
-}
-
-/// One node as benchmarks and demos see it.
-pub struct NodeHandle<'a> {
-    pub name: String,
-    pub netns: &'a NetNs,
-    pub underlay_ip: std::net::Ipv4Addr,
 }
 
 impl LocalCluster {
@@ -203,7 +197,7 @@ impl LocalCluster {
         let cluster = Self {
             children,
             runtime,
-            hosts,
+            _hosts: hosts,
             fabric,
             token,
             controller_addr,
@@ -233,18 +227,6 @@ impl LocalCluster {
             self.token.clone(),
             dial,
         ))
-    }
-
-    pub fn nodes(&self) -> Vec<NodeHandle<'_>> {
-        self.hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| NodeHandle {
-                name: format!("n{i}"),
-                netns: h.netns(),
-                underlay_ip: h.address().ip(),
-            })
-            .collect()
     }
 
     pub fn prefix(&self) -> &particle_net::RunPrefix {

@@ -118,7 +118,7 @@ fn default_controller_listen() -> SocketAddr {
 }
 
 fn default_heartbeat_timeout() -> f64 {
-    3.0
+    10.0
 }
 
 fn default_agent_socket() -> PathBuf {
@@ -196,7 +196,7 @@ mod tests {
         assert_eq!(s.pool_size, 64);
         let c: ControllerSettings = merge("token_file: /t\n", &Flags { pool_size: None }).unwrap();
         assert_eq!(c.listen, default_controller_listen());
-        assert_eq!(c.heartbeat_timeout, 3.0);
+        assert_eq!(c.heartbeat_timeout, 10.0);
     }
 
     #[test]

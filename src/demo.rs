@@ -4,11 +4,7 @@
 //! its pools, launches the pipeline through the burst launch API, checks the
 //! output by decoding it, prints a summary and writes the timeline plot.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -58,90 +54,26 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
-/// A `particle cluster up` child: stopped (SIGTERM, then waited for) when
-/// dropped, and killed by the kernel if we die first.
-pub struct ClusterProcess {
-    child: Child,
-    pub controller: SocketAddr,
-    pub token: String,
-}
 
-impl ClusterProcess {
-    pub fn start(nodes: usize, port: u16, underlay: &str, pool_size: usize) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating the particle binary")?;
-        let mut cmd = Command::new(exe);
-        cmd.args(["cluster", "up", "--nodes", &nodes.to_string()])
-            .args(["--port", &port.to_string(), "--underlay", underlay])
-            .args(["--pool-size", &pool_size.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        // SAFETY: prctl is async-signal-safe; the cluster stops if we die.
-        unsafe {
-            cmd.pre_exec(|| {
-                if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().context("starting `particle cluster up`")?;
-        let stdout = child.stdout.take().context("the cluster's stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut cluster = Self {
-            child,
-            controller: SocketAddr::from(([127, 0, 0, 1], port)),
-            token: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut token_file = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => bail!("the local cluster did not come up in 60 s"),
-            };
-            if let Some(path) = line.trim().strip_prefix("token") {
-                token_file = Some(PathBuf::from(path.trim()));
-            }
-            if line.starts_with("ready") {
-                break;
-            }
-        }
-        let token_file = token_file.context("the cluster printed no token file")?;
-        cluster.token = std::fs::read_to_string(&token_file)
-            .with_context(|| format!("reading {}", token_file.display()))?
-            .trim()
-            .to_string();
-        Ok(cluster)
-    }
-
-    pub fn client(&self) -> ApiClient {
-        ApiClient::direct(self.controller, self.token.clone())
-    }
-}
-
-impl Drop for ClusterProcess {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A local cluster for the demo and the benchmarks, in this process: warm
+/// endpoints per tenant per node `pool_size`, tenant-free ones `free_pool_size`.
+pub fn local_cluster(
+    nodes: usize,
+    port: u16,
+    underlay: &str,
+    pool_size: usize,
+    free_pool_size: usize,
+) -> Result<crate::cluster::LocalCluster> {
+    crate::cluster::LocalCluster::start(
+        &crate::cluster::UpOptions {
+            nodes,
+            underlay: underlay.to_string(),
+            port,
+            pool_size,
+            free_pool_size,
+        },
+        false,
+    )
 }
 
 /// The `particle-video` binary next to this one (the function's program).
@@ -199,6 +131,11 @@ pub async fn prepare_tenant(
         )
         .await
         .context("setting the warm target")?;
+    warm_up(api, tenant, per_node).await
+}
+
+/// Waits until every node has `per_node` endpoints of `tenant` ready.
+pub async fn warm_up(api: &ApiClient, tenant: &str, per_node: usize) -> Result<Duration> {
     let start = Instant::now();
     loop {
         let nodes: Vec<Node> = api.call::<(), _>(Method::GET, "/v1/nodes", None).await?;
@@ -225,11 +162,23 @@ pub async fn launch_pipeline(
     spec: &PipelineSpec,
     program: &Path,
 ) -> Result<(u128, Job, Vec<FunctionRun>)> {
+    launch_job(api, tenant, spec.argv(program), spec.functions, spec.timeout).await
+}
+
+/// Launches `functions` copies of `argv` on `tenant` through the launch API
+/// and waits for the job to end; fails unless every function exited 0.
+pub async fn launch_job(
+    api: &ApiClient,
+    tenant: &str,
+    argv: Vec<String>,
+    functions: usize,
+    timeout: Duration,
+) -> Result<(u128, Job, Vec<FunctionRun>)> {
     let request = LaunchJob {
         tenant: tenant.into(),
-        functions: spec.functions,
+        functions,
         command: FunctionCommand {
-            argv: spec.argv(program),
+            argv,
             env: Default::default(),
         },
         placement: Placement::default(),
@@ -240,8 +189,8 @@ pub async fn launch_pipeline(
     let job: Job = api
         .call(Method::POST, "/v1/jobs", Some(&request))
         .await
-        .context("launching the pipeline")?;
-    let deadline = Instant::now() + spec.timeout + Duration::from_secs(30);
+        .context("launching the job")?;
+    let deadline = Instant::now() + timeout + Duration::from_secs(30);
     let job = loop {
         let path = format!("/v1/jobs/{}?wait_s=5&output=true", job.id);
         let job: Job = api.call::<(), _>(Method::GET, &path, None).await?;
@@ -252,7 +201,7 @@ pub async fn launch_pipeline(
             let _: Result<Job, _> = api
                 .call::<(), _>(Method::DELETE, &format!("/v1/jobs/{}", job.id), None)
                 .await;
-            bail!("the pipeline did not end in time; cancelled");
+            bail!("job {} did not end in time; cancelled", job.id);
         }
     };
     if job.state != JobState::Succeeded {
@@ -324,10 +273,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let per_node = args.functions.div_ceil(args.nodes);
 
     eprintln!("starting a local cluster of {} nodes ...", args.nodes);
-    let cluster = ClusterProcess::start(args.nodes, args.port, &args.underlay, per_node)?;
+    let cluster = local_cluster(args.nodes, args.port, &args.underlay, per_node, 16)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let (summary, rows) = runtime.block_on(async {
-        let api = cluster.client();
+        let api = cluster.api()?;
         let prewarm = prepare_tenant(&api, "demo", 4242, &args.subnet, per_node).await?;
         eprintln!(
             "tenant demo ({}): {per_node} warm endpoints per node in {:.1} s; launching {} functions ...",

@@ -1,6 +1,7 @@
 //! `particle`: the one command operators run.
 
 mod bench_pipeline;
+mod bench_startup;
 mod cluster;
 mod config;
 mod demo;
@@ -110,7 +111,7 @@ struct ControllerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     state_file: Option<std::path::PathBuf>,
-    /// Seconds without a heartbeat after which a node is removed [default: 3].
+    /// Seconds without a heartbeat after which a node is removed [default: 10; a node busy with a large burst may be late].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     heartbeat_timeout: Option<f64>,
@@ -256,6 +257,10 @@ enum Bench {
     },
     /// The video pipeline on Particle (warm) vs the baselines, job time and ratio.
     Pipeline(bench_pipeline::PipelineArgs),
+    /// Burst startup: launch to every function reaching a peer on another
+    /// node, Particle warm/cold vs hand-built overlay, CNI bridge, Docker Swarm
+    /// and no network, in one run; table, JSON and a plot.
+    Startup(bench_startup::StartupArgs),
 }
 
 fn main() -> Result<()> {
@@ -340,6 +345,16 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", bench_pipeline::render(&report));
+            }
+        }
+        Command::Bench {
+            bench: Bench::Startup(args),
+        } => {
+            let report = bench_startup::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", particle_bench::startup::render(&report));
             }
         }
         Command::Cluster {

@@ -10,5 +10,6 @@ pub mod endpoints;
 pub mod pipeline;
 pub mod pipeline_baseline;
 pub mod reuse;
+pub mod startup;
 pub mod stats;
 pub mod timeline;

@@ -1,0 +1,248 @@
+//! `particle bench startup`: the Particle paper's experiment. The same ring
+//! functions (each reaches the next rank, on another node, and exchanges a
+//! message) launched over N namespaced nodes by every system in one run:
+//! Particle with warm pools, Particle cold, the hand-built Linux overlay, the
+//! CNI reference bridge plugin, Docker Swarm's overlay, and no network at all
+//! (the floor). Time runs from the launch to the last function having
+//! reached its peer; see `particle_bench::startup` for the report.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use particle_bench::baselines::docker_swarm::{Swarm, SwarmHost};
+use particle_bench::pipeline_baseline::Baseline;
+use particle_bench::startup::{burst, Burst, StartupReport};
+use particle_controller::api::{CreateTenant, Tenant, WarmTarget};
+use particle_controller::client::{ApiClient, Method};
+use particle_net::scratch::ScratchNode;
+use particle_net::{AddressBlock, Run};
+use particle_workloads::local::{local_envs, run_with};
+use particle_workloads::ring::now_ns;
+
+use crate::demo::{launch_job, local_cluster, warm_up};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StartupArgs {
+    /// Nodes (namespaced hosts).
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Functions in the largest burst (the table's numbers).
+    #[arg(long, default_value_t = 1000)]
+    pub functions: usize,
+    /// Burst sizes for the plot [default: M/4, M/2, M].
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<usize>,
+    /// Leave out these systems (e.g. `--skip docker-swarm`).
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Vec<String>,
+    /// ADDs for the per-ADD CNI comparison (`particle-cni` vs `cni-bridge`).
+    #[arg(long, default_value_t = 100)]
+    pub cni_adds: usize,
+    /// The plot (SVG).
+    #[arg(long, default_value = "startup.svg")]
+    pub plot: PathBuf,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The seconds a function may take to reach its peer (Swarm's DNS is slow).
+const FUNCTION_TIMEOUT_S: u64 = 600;
+
+/// The ring function's argv: `particle-fn` beside this binary, else this
+/// binary's own `particle fn` (the same code).
+fn ring_argv() -> Result<Vec<String>> {
+    let exe = std::env::current_exe().context("locating the particle binary")?;
+    let small = exe.with_file_name("particle-fn");
+    let mut argv = if small.exists() {
+        vec![small.display().to_string()]
+    } else {
+        vec![exe.display().to_string(), "fn".into()]
+    };
+    argv.extend(["ring", "--timeout-s"].map(String::from));
+    argv.push(FUNCTION_TIMEOUT_S.to_string());
+    Ok(argv)
+}
+
+pub fn run(args: &StartupArgs) -> Result<StartupReport> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the startup benchmark builds network namespaces: run it as root"
+    );
+    anyhow::ensure!(
+        args.nodes >= 1 && args.functions >= 1,
+        "need at least one node and one function"
+    );
+    let argv = ring_argv()?;
+    let mut sweep = if args.sweep.is_empty() {
+        vec![args.functions / 4, args.functions / 2, args.functions]
+    } else {
+        args.sweep.clone()
+    };
+    sweep.push(args.functions);
+    sweep.retain(|m| *m > 0 && *m <= args.functions);
+    sweep.sort_unstable();
+    sweep.dedup();
+    let wanted = |s: &str| !args.skip.iter().any(|k| k == s);
+    let mut report = StartupReport::new(args.nodes, args.functions);
+    let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
+
+    if wanted("particle-warm") || wanted("particle-cold") {
+        particle(args, &sweep, &argv, &mut report, &wanted)?;
+    }
+    for &m in &sweep {
+        if wanted("linux-overlay") {
+            let mut overlay = Baseline::linux_overlay(args.nodes, "10.245.0.0/24", [10, 244])?;
+            let (submitted, runs) = overlay.launch(&argv, m, timeout)?;
+            report.add_burst("linux-overlay", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+        }
+        if wanted("cni-bridge") {
+            let mut cni = Baseline::cni_bridge(args.nodes, "10.243.0.0/24", [10, 242])?;
+            let (submitted, runs) = cni.launch(&argv, m, timeout)?;
+            report.add_burst("cni-bridge", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+        }
+        if wanted("no-network") {
+            report.add_burst("no-network", no_network(&argv, args.nodes, m, timeout)?);
+        }
+    }
+    if wanted("docker-swarm") {
+        match docker_swarm(&argv, args.nodes, args.functions) {
+            Ok(b) => report.add_burst("docker-swarm", b),
+            Err(why) => report.skip("docker-swarm", why),
+        }
+    }
+    if wanted("particle-cni") {
+        match particle_bench::cni_add::run(args.cni_adds) {
+            Ok(cni) => report.add_cni(&cni),
+            Err(e) => report.skip("particle-cni", format!("{e:#}")),
+        }
+    }
+    for s in particle_bench::startup::SYSTEMS {
+        if !wanted(s) {
+            report.skip(s, "left out with --skip");
+        }
+    }
+    report.finish();
+    std::fs::write(&args.plot, particle_bench::startup::plot_svg(&report))
+        .with_context(|| format!("writing {}", args.plot.display()))?;
+    report.plot = Some(args.plot.display().to_string());
+    Ok(report)
+}
+
+fn measured<'a>(submitted: u128, outs: impl Iterator<Item = &'a String>) -> Result<Burst> {
+    let outs: Vec<String> = outs.cloned().collect();
+    burst(submitted, &outs)
+}
+
+/// Particle warm and cold on one local cluster. Warm: the tenant's pools hold
+/// the burst before the clock starts (as a platform keeps them for a job it
+/// knows is coming). Cold: one warm endpoint per node and no tenant-free
+/// pool, so the rest are built in one batch per node during the launch.
+fn particle(
+    args: &StartupArgs,
+    sweep: &[usize],
+    argv: &[String],
+    report: &mut StartupReport,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let per_node = |m: usize| m.div_ceil(args.nodes);
+    let cluster = local_cluster(args.nodes, 7700, "10.241.0.0/24", 1, 0)?;
+    let api = cluster.api()?;
+    let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        create_tenant(&api, "warm", 4401, "10.64.0.0/12").await?;
+        create_tenant(&api, "cold", 4402, "10.80.0.0/12").await?;
+        for &m in sweep {
+            if wanted("particle-warm") {
+                set_warm(&api, "warm", per_node(m)).await?;
+                warm_up(&api, "warm", per_node(m)).await?;
+                let (submitted, _, runs) = launch_job(&api, "warm", argv.to_vec(), m, timeout).await?;
+                report.add_burst("particle-warm", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+            }
+            if wanted("particle-cold") {
+                set_warm(&api, "cold", 1).await?;
+                warm_up(&api, "cold", 1).await?;
+                let (submitted, _, runs) = launch_job(&api, "cold", argv.to_vec(), m, timeout).await?;
+                report.add_burst("particle-cold", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+async fn create_tenant(api: &ApiClient, name: &str, vni: u32, subnet: &str) -> Result<()> {
+    let body = CreateTenant {
+        name: name.into(),
+        vni,
+        subnet: subnet.into(),
+        // Room for 1000+ functions on one node.
+        block_prefix: Some(21),
+        warm_per_node: Some(1),
+    };
+    let _: Tenant = api
+        .call(Method::POST, "/v1/tenants", Some(&body))
+        .await
+        .with_context(|| format!("creating tenant {name}"))?;
+    Ok(())
+}
+
+async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<()> {
+    let body = WarmTarget {
+        per_node: Some(per_node),
+    };
+    let _: Tenant = api
+        .call(Method::PUT, &format!("/v1/tenants/{tenant}/warm"), Some(&body))
+        .await?;
+    Ok(())
+}
+
+/// The floor: the same functions as plain processes in one namespace, on its
+/// loopback; no per-function network at all.
+fn no_network(argv: &[String], nodes: usize, m: usize, timeout: Duration) -> Result<Burst> {
+    let run = Run::start()?;
+    let node = ScratchNode::new(run.prefix(), AddressBlock::parse("10.240.0.0/24")?)
+        .context("creating the scratch namespace")?;
+    let envs = local_envs("no-network", m, 20_000, nodes);
+    let submitted = now_ns();
+    let outputs = run_with(&envs, timeout, |_| {
+        let mut cmd = node.netns.command(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
+    })?;
+    measured(submitted, outputs.iter().map(|o| &o.stdout))
+}
+
+/// Docker Swarm's overlay on namespaced hosts of its own (dockerd rewrites
+/// its hosts' firewall); `Err` says why it could not run.
+fn docker_swarm(argv: &[String], nodes: usize, m: usize) -> Result<Burst, String> {
+    let run = Run::start().map_err(|e| e.to_string())?;
+    let mut fabric = ScratchNode::new(
+        run.prefix(),
+        AddressBlock::parse("10.239.0.0/24").map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let hosts = fabric.hosts(nodes).map_err(|e| e.to_string())?;
+    let swarm_hosts: Vec<SwarmHost> = hosts
+        .iter()
+        .map(|h| SwarmHost {
+            netns: h.netns(),
+            underlay_ip: h.address().ip(),
+        })
+        .collect();
+    let binary = PathBuf::from(&argv[0]);
+    if argv.get(1).map(String::as_str) == Some("fn") {
+        return Err("docker-swarm needs particle-fn beside the particle binary (cargo build --release -p particle-workloads)".into());
+    }
+    let swarm = Swarm::start(&swarm_hosts, run.prefix(), &binary).map_err(|e| e.to_string())?;
+    let mut in_container = vec![swarm.function_path().to_string()];
+    in_container.extend(argv[1..].iter().cloned());
+    let submitted = now_ns();
+    let runs = swarm
+        .launch(m, &in_container)
+        .map_err(|e| format!("launching on Swarm: {e}"))?;
+    let outs: Vec<String> = runs.iter().map(|r| r.stdout.clone()).collect();
+    drop(swarm);
+    burst(submitted, &outs).map_err(|e| format!("{e:#}"))
+}

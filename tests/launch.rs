@@ -1,0 +1,128 @@
+//! The burst launch path end to end, with real processes: `particle cluster
+//! up` (controller and agents in namespaced nodes), tenants over the API, and
+//! `particle launch` starting functions in warm endpoints. Every function
+//! of a 100-function job over 3 nodes reaches a function on another node
+//! over the overlay and exchanges data; bad jobs get clear errors; a cancel
+//! stops what runs.
+
+mod common;
+
+use std::process::Output;
+
+const PORT: u16 = 17_752;
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn create_tenant(cluster: &common::Cluster, name: &str, vni: u32, subnet: &str) {
+    let token = std::fs::read_to_string(&cluster.token_file).unwrap();
+    let body = format!(r#"{{"name":"{name}","vni":{vni},"subnet":"{subnet}","warm_per_node":40}}"#);
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "-H", &format!("authorization: Bearer {}", token.trim())])
+        .args(["-d", &body, &format!("http://127.0.0.1:{PORT}/v1/tenants")])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        // No curl: the same request over a raw socket.
+        _ => {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", PORT)).unwrap();
+            write!(
+                s,
+                "POST /v1/tenants HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                token.trim(),
+                body.len()
+            )
+            .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+        }
+    }
+}
+
+#[test]
+fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
+    let cluster = common::Cluster::up(3, PORT, "10.214.0.0/24", &["--pool-size", "8"]);
+    create_tenant(&cluster, "a", 310, "10.31.0.0/16");
+    let function = env!("CARGO_BIN_EXE_particle");
+
+    // --prewarm raises the warm target to 34 per node and waits for it.
+    let out = cluster
+        .command(&["launch"])
+        .args(["--tenant", "a", "-n", "100", "--prewarm", "--json", "--output"])
+        .args(["--", function, "fn", "ring", "--offset", "2", "--bytes", "4096"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json_end = stdout.find("\n--- rank").unwrap_or(stdout.len());
+    let job: serde_json::Value = serde_json::from_str(&stdout[..json_end]).unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let functions = job["functions"].as_array().unwrap();
+    assert_eq!(functions.len(), 100);
+    for f in functions {
+        let rank = f["rank"].as_u64().unwrap() as usize;
+        assert_eq!(f["exit_code"], 0, "{f}");
+        let output = f["output"].as_str().unwrap_or_default();
+        let peer: usize = output
+            .lines()
+            .find_map(|l| l.split("peer=").nth(1))
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("rank {rank} reached no peer: {output}"));
+        assert_eq!(peer, (rank + 2) % 100);
+        assert_ne!(
+            f["node"], functions[peer]["node"],
+            "rank {rank} and its peer {peer} are on the same node"
+        );
+        assert!(f["address"].as_str().unwrap().starts_with("10.31."), "{f}");
+    }
+    let nodes: std::collections::BTreeSet<&str> =
+        functions.iter().map(|f| f["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 3, "spread over every node");
+
+    for (args, expected) in [
+        (vec!["--tenant", "a", "-n", "3", "--", "/no/such/program"], "not found"),
+        (vec!["--tenant", "nobody", "-n", "3", "--", function], "unknown tenant"),
+        (vec!["--tenant", "a", "-n", "0", "--", function], "at least one function"),
+    ] {
+        let out = cluster.command(&["launch"]).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+    }
+
+    // A job that would run for a minute, cancelled: its functions stop and
+    // the job says so.
+    let out = cluster
+        .command(&["launch"])
+        .args(["--tenant", "a", "-n", "6", "--detach", "--json"])
+        .args(["--", "/bin/sleep", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let out = cluster.command(&["job", "cancel"]).arg(&id).output().unwrap();
+    assert!(text(&out).contains("Cancelled"), "{}", text(&out));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let sleeping = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"/bin/sleep\x0060"))
+            })
+            .count();
+        if sleeping == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{sleeping} cancelled functions still run");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
