@@ -95,12 +95,18 @@ pub fn run(args: &StartupArgs) -> Result<StartupReport> {
         if wanted("linux-overlay") {
             let mut overlay = Baseline::linux_overlay(args.nodes, "10.245.0.0/24", [10, 244])?;
             let (submitted, runs) = overlay.launch(&argv, m, timeout)?;
-            report.add_burst("linux-overlay", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+            report.add_burst(
+                "linux-overlay",
+                measured(submitted, runs.iter().map(|r| &r.stdout))?,
+            );
         }
         if wanted("cni-bridge") {
             let mut cni = Baseline::cni_bridge(args.nodes, "10.243.0.0/24", [10, 242])?;
             let (submitted, runs) = cni.launch(&argv, m, timeout)?;
-            report.add_burst("cni-bridge", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+            report.add_burst(
+                "cni-bridge",
+                measured(submitted, runs.iter().map(|r| &r.stdout))?,
+            );
         }
         if wanted("no-network") {
             report.add_burst("no-network", no_network(&argv, args.nodes, m, timeout)?);
@@ -158,14 +164,22 @@ fn particle(
             if wanted("particle-warm") {
                 set_warm(&api, "warm", per_node(m)).await?;
                 warm_up(&api, "warm", per_node(m)).await?;
-                let (submitted, _, runs) = launch_job(&api, "warm", argv.to_vec(), m, timeout).await?;
-                report.add_burst("particle-warm", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+                let (submitted, _, runs) =
+                    launch_job(&api, "warm", argv.to_vec(), m, timeout).await?;
+                report.add_burst(
+                    "particle-warm",
+                    measured(submitted, runs.iter().map(|r| &r.stdout))?,
+                );
             }
             if wanted("particle-cold") {
                 set_warm(&api, "cold", 1).await?;
                 warm_up(&api, "cold", 1).await?;
-                let (submitted, _, runs) = launch_job(&api, "cold", argv.to_vec(), m, timeout).await?;
-                report.add_burst("particle-cold", measured(submitted, runs.iter().map(|r| &r.stdout))?);
+                let (submitted, _, runs) =
+                    launch_job(&api, "cold", argv.to_vec(), m, timeout).await?;
+                report.add_burst(
+                    "particle-cold",
+                    measured(submitted, runs.iter().map(|r| &r.stdout))?,
+                );
             }
         }
         anyhow::Ok(())
@@ -193,7 +207,11 @@ async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<()> 
         per_node: Some(per_node),
     };
     let _: Tenant = api
-        .call(Method::PUT, &format!("/v1/tenants/{tenant}/warm"), Some(&body))
+        .call(
+            Method::PUT,
+            &format!("/v1/tenants/{tenant}/warm"),
+            Some(&body),
+        )
         .await?;
     Ok(())
 }

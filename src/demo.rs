@@ -54,7 +54,6 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
-
 /// A local cluster for the demo and the benchmarks, in this process: warm
 /// endpoints per tenant per node `pool_size`, tenant-free ones `free_pool_size`.
 pub fn local_cluster(
@@ -162,7 +161,14 @@ pub async fn launch_pipeline(
     spec: &PipelineSpec,
     program: &Path,
 ) -> Result<(u128, Job, Vec<FunctionRun>)> {
-    launch_job(api, tenant, spec.argv(program), spec.functions, spec.timeout).await
+    launch_job(
+        api,
+        tenant,
+        spec.argv(program),
+        spec.functions,
+        spec.timeout,
+    )
+    .await
 }
 
 /// Launches `functions` copies of `argv` on `tenant` through the launch API

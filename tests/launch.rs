@@ -23,7 +23,11 @@ fn create_tenant(cluster: &common::Cluster, name: &str, vni: u32, subnet: &str) 
     let token = std::fs::read_to_string(&cluster.token_file).unwrap();
     let body = format!(r#"{{"name":"{name}","vni":{vni},"subnet":"{subnet}","warm_per_node":40}}"#);
     let out = std::process::Command::new("curl")
-        .args(["-sf", "-H", &format!("authorization: Bearer {}", token.trim())])
+        .args([
+            "-sf",
+            "-H",
+            &format!("authorization: Bearer {}", token.trim()),
+        ])
         .args(["-d", &body, &format!("http://127.0.0.1:{PORT}/v1/tenants")])
         .output();
     match out {
@@ -55,8 +59,18 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
     // --prewarm raises the warm target to 34 per node and waits for it.
     let out = cluster
         .command(&["launch"])
-        .args(["--tenant", "a", "-n", "100", "--prewarm", "--json", "--output"])
-        .args(["--", function, "fn", "ring", "--offset", "2", "--bytes", "4096"])
+        .args([
+            "--tenant",
+            "a",
+            "-n",
+            "100",
+            "--prewarm",
+            "--json",
+            "--output",
+        ])
+        .args([
+            "--", function, "fn", "ring", "--offset", "2", "--bytes", "4096",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -82,14 +96,25 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         );
         assert!(f["address"].as_str().unwrap().starts_with("10.31."), "{f}");
     }
-    let nodes: std::collections::BTreeSet<&str> =
-        functions.iter().map(|f| f["node"].as_str().unwrap()).collect();
+    let nodes: std::collections::BTreeSet<&str> = functions
+        .iter()
+        .map(|f| f["node"].as_str().unwrap())
+        .collect();
     assert_eq!(nodes.len(), 3, "spread over every node");
 
     for (args, expected) in [
-        (vec!["--tenant", "a", "-n", "3", "--", "/no/such/program"], "not found"),
-        (vec!["--tenant", "nobody", "-n", "3", "--", function], "unknown tenant"),
-        (vec!["--tenant", "a", "-n", "0", "--", function], "at least one function"),
+        (
+            vec!["--tenant", "a", "-n", "3", "--", "/no/such/program"],
+            "not found",
+        ),
+        (
+            vec!["--tenant", "nobody", "-n", "3", "--", function],
+            "unknown tenant",
+        ),
+        (
+            vec!["--tenant", "a", "-n", "0", "--", function],
+            "at least one function",
+        ),
     ] {
         let out = cluster.command(&["launch"]).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
@@ -107,7 +132,11 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
     assert!(out.status.success(), "{}", text(&out));
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = job["id"].as_str().unwrap().to_string();
-    let out = cluster.command(&["job", "cancel"]).arg(&id).output().unwrap();
+    let out = cluster
+        .command(&["job", "cancel"])
+        .arg(&id)
+        .output()
+        .unwrap();
     assert!(text(&out).contains("Cancelled"), "{}", text(&out));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -122,7 +151,10 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         if sleeping == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{sleeping} cancelled functions still run");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sleeping} cancelled functions still run"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

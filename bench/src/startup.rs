@@ -122,7 +122,10 @@ impl StartupReport {
     /// Per-ADD times of the CNI measurement, as the `particle-cni` system
     /// (and `cni-bridge`'s ADD beside its launch times).
     pub fn add_cni(&mut self, cni: &CniAddReport) {
-        for (name, key) in [("particle-cni", "particle-cni"), ("cni-bridge", "cni-bridge")] {
+        for (name, key) in [
+            ("particle-cni", "particle-cni"),
+            ("cni-bridge", "cni-bridge"),
+        ] {
             if let Some(t) = cni.systems.get(key) {
                 let s = self.systems.entry(name.to_string()).or_default();
                 s.add_p50_ms = Some(t.add_p50_ms);
@@ -286,7 +289,10 @@ mod tests {
     use super::*;
 
     fn out(reached_ms: u128) -> String {
-        format!("started_ns=1\n{REACHED}={} peer=1\n", 1_000_000_000 + reached_ms * 1_000_000)
+        format!(
+            "started_ns=1\n{REACHED}={} peer=1\n",
+            1_000_000_000 + reached_ms * 1_000_000
+        )
     }
 
     #[test]
@@ -299,13 +305,21 @@ mod tests {
         assert!((b.p99_ms - 99.0).abs() < 1e-9, "{b:?}");
         let mut broken = outs.clone();
         broken[7] = "started_ns=1\n".into();
-        assert!(burst(1_000_000_000, &broken).unwrap_err().to_string().contains("function 7"));
+        assert!(burst(1_000_000_000, &broken)
+            .unwrap_err()
+            .to_string()
+            .contains("function 7"));
     }
 
     #[test]
     fn report_ratios_skips_and_plot() {
         let mut r = StartupReport::new(4, 100);
-        let b = |f, t| Burst { functions: f, total_s: t, p50_ms: 1.0, p99_ms: 2.0 };
+        let b = |f, t| Burst {
+            functions: f,
+            total_s: t,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+        };
         r.add_burst("particle-warm", b(50, 0.1));
         r.add_burst("particle-warm", b(100, 0.2));
         r.add_burst("linux-overlay", b(100, 2.0));

@@ -1,5 +1,8 @@
 //! Shared by the `particle` binary's tests.
 
+// Each test crate compiles this module and uses only part of it.
+#![allow(dead_code)]
+
 /// These tests drive the real kernel; without root they must fail, loudly.
 pub fn require_root() {
     assert!(
