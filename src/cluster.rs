@@ -36,6 +36,8 @@ pub struct UpOptions {
     pub pool_size: usize,
     /// Tenant-free endpoints per node.
     pub free_pool_size: usize,
+    /// The controller's `--heartbeat-timeout` (seconds); `None`: its default.
+    pub heartbeat_timeout: Option<f64>,
 }
 
 /// A cluster process: how to start it, and the running child, killed and
@@ -149,17 +151,21 @@ impl LocalCluster {
         write_private(&token_file, &token)?;
 
         let controller_addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), opts.port);
+        let mut controller_args: Vec<String> = vec![
+            "controller".into(),
+            "--listen".into(),
+            controller_addr.to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--state-file".into(),
+            dir.0.join("controller.json").display().to_string(),
+        ];
+        if let Some(t) = opts.heartbeat_timeout {
+            controller_args.extend(["--heartbeat-timeout".into(), t.to_string()]);
+        }
         let mut children = vec![spawn_in(
             &fabric.netns,
-            &[
-                "controller".into(),
-                "--listen".into(),
-                controller_addr.to_string(),
-                "--token-file".into(),
-                token_file.display().to_string(),
-                "--state-file".into(),
-                dir.0.join("controller.json").display().to_string(),
-            ],
+            &controller_args,
             &dir.0.join("controller.log"),
         )?];
         let mut sockets = Vec::new();
@@ -236,6 +242,17 @@ impl LocalCluster {
     /// Where the cluster's files (token, logs, sockets) are.
     pub fn dir(&self) -> &Path {
         &self.dir.0
+    }
+
+    /// Every agent's node name and pid (as running now).
+    pub fn agent_pids(&self) -> Vec<(String, i32)> {
+        self.children
+            .iter()
+            .filter_map(|c| {
+                let node = c.args.iter().position(|a| a == "--node")?;
+                Some((c.args.get(node + 1)?.clone(), c.child.id() as i32))
+            })
+            .collect()
     }
 
     /// Restarts children that died.

@@ -70,6 +70,7 @@ pub fn local_cluster(
             port,
             pool_size,
             free_pool_size,
+            heartbeat_timeout: None,
         },
         false,
     )

@@ -87,6 +87,9 @@ enum ClusterCommand {
         /// Tenant-free endpoints per node (bound to a tenant that runs dry).
         #[arg(long, default_value_t = 16)]
         free_pool_size: usize,
+        /// Seconds without a heartbeat after which the controller drops a node [default: 10].
+        #[arg(long)]
+        heartbeat_timeout: Option<f64>,
     },
     /// Stops every running local cluster.
     Down,
@@ -365,6 +368,7 @@ fn main() -> Result<()> {
                     port,
                     pool_size,
                     free_pool_size,
+                    heartbeat_timeout,
                 },
         } => cluster::up(&cluster::UpOptions {
             nodes,
@@ -372,6 +376,7 @@ fn main() -> Result<()> {
             port,
             pool_size,
             free_pool_size,
+            heartbeat_timeout,
         })?,
         Command::Cluster {
             cluster: ClusterCommand::Down,

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{eventually, http, links_of, particle, pid_of};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
@@ -38,23 +40,6 @@ impl Drop for UpGuard {
     }
 }
 
-fn particle() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_particle"))
-}
-
-fn http(method: &str, path: &str, token: &str, body: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// Claims through an agent's socket, waiting while the agent (re)starts.
 fn claim(socket: &str, tenant: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -75,22 +60,6 @@ fn claim(socket: &str, tenant: &str) -> serde_json::Value {
     }
 }
 
-/// The pid of the cluster process running `particle SUBCOMMAND` with an
-/// argument that mentions `needle`.
-fn pid_of(needle: &str, subcommand: &str) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let ours =
-            args.get(1).is_some_and(|a| a == subcommand) && args.iter().any(|a| a.contains(needle));
-        ours.then_some(pid)
-    })
-}
-
 fn pings(from: &serde_json::Value, to: &serde_json::Value) -> bool {
     let target = to["address"]
         .as_str()
@@ -108,23 +77,6 @@ fn pings(from: &serde_json::Value, to: &serde_json::Value) -> bool {
             .status
             .success()
     })
-}
-
-/// Links in the namespace of a process.
-fn links_of(pid: i32) -> usize {
-    let ns = particle_net::NetNs::open(format!("/proc/{pid}/ns/net")).unwrap();
-    let mut socket = particle_net::NetlinkSocket::open_in(&ns).unwrap();
-    particle_net::endpoint::list_links(&mut socket)
-        .unwrap()
-        .len()
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -164,6 +116,7 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
     assert_eq!(sockets.len(), 2, "{out:?}");
 
     let created = http(
+        PORT,
         "POST",
         "/v1/tenants",
         &token,
@@ -174,7 +127,7 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
         created.contains(r#""n0":"10.77.0.0/24""#) && created.contains(r#""n1":"10.77.1.0/24""#),
         "{created}"
     );
-    let refused = http("GET", "/v1/tenants", "wrong", "");
+    let refused = http(PORT, "GET", "/v1/tenants", "wrong", "");
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
 
     let e0 = claim(&sockets[0], "t");
@@ -213,7 +166,7 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
     .unwrap();
     eventually("controller restarted with its tenants", || {
         pid_of(&logs, "controller").is_some_and(|p| p != controller)
-            && std::panic::catch_unwind(|| http("GET", "/v1/tenants/t", &token, ""))
+            && std::panic::catch_unwind(|| http(PORT, "GET", "/v1/tenants/t", &token, ""))
                 .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
     });
 

@@ -7,53 +7,12 @@
 
 mod common;
 
-use std::process::Output;
-
 const PORT: u16 = 17_752;
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn create_tenant(cluster: &common::Cluster, name: &str, vni: u32, subnet: &str) {
-    let token = std::fs::read_to_string(&cluster.token_file).unwrap();
-    let body = format!(r#"{{"name":"{name}","vni":{vni},"subnet":"{subnet}","warm_per_node":40}}"#);
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sf",
-            "-H",
-            &format!("authorization: Bearer {}", token.trim()),
-        ])
-        .args(["-d", &body, &format!("http://127.0.0.1:{PORT}/v1/tenants")])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {}
-        // No curl: the same request over a raw socket.
-        _ => {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", PORT)).unwrap();
-            write!(
-                s,
-                "POST /v1/tenants HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                token.trim(),
-                body.len()
-            )
-            .unwrap();
-            let mut answer = String::new();
-            s.read_to_string(&mut answer).unwrap();
-            assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
-        }
-    }
-}
 
 #[test]
 fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
     let cluster = common::Cluster::up(3, PORT, "10.214.0.0/24", &["--pool-size", "8"]);
-    create_tenant(&cluster, "a", 310, "10.31.0.0/16");
+    cluster.create_tenant("a", 310, "10.31.0.0/16", 40);
     let function = env!("CARGO_BIN_EXE_particle");
 
     // --prewarm raises the warm target to 34 per node and waits for it.
@@ -73,7 +32,7 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", common::text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let json_end = stdout.find("\n--- rank").unwrap_or(stdout.len());
     let job: serde_json::Value = serde_json::from_str(&stdout[..json_end]).unwrap();
@@ -118,7 +77,11 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
     ] {
         let out = cluster.command(&["launch"]).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(text(&out).contains(expected), "{args:?}: {}", text(&out));
+        assert!(
+            common::text(&out).contains(expected),
+            "{args:?}: {}",
+            common::text(&out)
+        );
     }
 
     // A job that would run for a minute, cancelled: its functions stop and
@@ -129,7 +92,7 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         .args(["--", "/bin/sleep", "60"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", common::text(&out));
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = job["id"].as_str().unwrap().to_string();
     let out = cluster
@@ -137,7 +100,11 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         .arg(&id)
         .output()
         .unwrap();
-    assert!(text(&out).contains("Cancelled"), "{}", text(&out));
+    assert!(
+        common::text(&out).contains("Cancelled"),
+        "{}",
+        common::text(&out)
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let sleeping = std::fs::read_dir("/proc")

@@ -90,6 +90,10 @@ pub struct RegisterNode {
     /// cannot launch functions.
     #[serde(default)]
     pub api_port: Option<u16>,
+    /// Differs on every agent start: a node registering with a new instance
+    /// lost the functions the old one ran.
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -290,6 +294,9 @@ pub struct ReservedEndpoint {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reserved {
     pub endpoints: Vec<ReservedEndpoint>,
+    /// The agent instance that holds them ([`RegisterNode::instance`]).
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// Controller → agent: start the reserved functions.

@@ -224,6 +224,9 @@ async fn register(
         s.set_api_port(&req.node, req.api_port)?;
         Ok(overlay)
     })?;
+    if let Some(instance) = &req.instance {
+        c.jobs().agent_registered(&req.node, instance);
+    }
     tracing::info!(node = %req.node, underlay_ip = %req.underlay_ip, version = overlay.version, "node registered");
     Ok(Json(overlay))
 }

@@ -11,11 +11,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::api::{
@@ -24,6 +26,7 @@ use crate::api::{
 };
 use crate::client::{ApiClient, ClientError, Method};
 use crate::http::HttpError;
+use crate::store::{Store, StoreError};
 use crate::Controller;
 
 /// The largest burst one request may ask for.
@@ -32,27 +35,55 @@ pub const MAX_FUNCTIONS: usize = 100_000;
 const RETAINED_JOBS: usize = 256;
 /// The port functions listen on unless the job says otherwise.
 pub const DEFAULT_FUNCTION_PORT: u16 = 7000;
+/// Ended jobs written to the jobs file (all retained ones stay in memory).
+const STORED_ENDED_JOBS: usize = 32;
 
+#[derive(Serialize, Deserialize)]
 struct JobRecord {
     job: Job,
-    started: Instant,
+    /// Wall clock, so a restarted controller still knows the job's age.
+    started_unix_ms: u64,
     /// Node → its agent, for cancel and output.
     agents: BTreeMap<String, SocketAddr>,
+    /// Node → the agent instance that holds the job's functions there; an
+    /// agent registering with another instance has lost them.
+    #[serde(default)]
+    instances: BTreeMap<String, String>,
 }
 
-#[derive(Default)]
+impl JobRecord {
+    fn elapsed(&self) -> Duration {
+        Duration::from_millis(unix_ms().saturating_sub(self.started_unix_ms))
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
 struct Table {
     next: u64,
     jobs: BTreeMap<String, JobRecord>,
     ended: VecDeque<String>,
 }
 
-/// Every job the controller knows. In memory: a restarted controller forgets
-/// jobs (their functions keep running on the agents and end there).
+/// The jobs file beside the controller's state file.
+pub fn jobs_store(state_file: &Path) -> Store {
+    let mut name = state_file
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "state".into());
+    name.push(".jobs");
+    Store::new(PathBuf::from(state_file).with_file_name(name))
+}
+
+/// Every job the controller knows. With a store, running jobs and the most
+/// recent ended ones are written to a jobs file (without function output),
+/// so a restarted controller still knows them: their functions keep running
+/// on the agents, whose exit reports then find the job again.
 pub struct Jobs {
     table: Mutex<Table>,
     /// Bumped on every change, for waiters.
     changed: watch::Sender<u64>,
+    /// The jobs file and the lock that keeps its writes in change order.
+    store: Option<(Store, Mutex<()>)>,
 }
 
 impl Default for Jobs {
@@ -60,16 +91,103 @@ impl Default for Jobs {
         Self {
             table: Mutex::new(Table::default()),
             changed: watch::channel(0).0,
+            store: None,
         }
     }
 }
 
 impl Jobs {
+    /// Jobs kept in `store` (loaded from it if it exists), or in memory only.
+    pub fn new(store: Option<Store>) -> Result<Self, StoreError> {
+        let table = match &store {
+            Some(s) => s.load::<Table>()?.unwrap_or_default(),
+            None => Table::default(),
+        };
+        if !table.jobs.is_empty() {
+            tracing::info!(jobs = table.jobs.len(), "restored jobs");
+        }
+        Ok(Self {
+            table: Mutex::new(table),
+            changed: watch::channel(0).0,
+            store: store.map(|s| (s, Mutex::new(()))),
+        })
+    }
+
+    /// What the jobs file holds: running jobs and the latest ended ones,
+    /// without the functions' output (agents keep that, bounded).
+    fn stored_form(&self) -> serde_json::Value {
+        let t = self.lock();
+        let keep_ended: Vec<&String> = t.ended.iter().rev().take(STORED_ENDED_JOBS).collect();
+        let mut jobs = serde_json::Map::new();
+        for (id, r) in &t.jobs {
+            if r.job.state != JobState::Running && !keep_ended.contains(&id) {
+                continue;
+            }
+            let mut job = r.job.clone();
+            for f in &mut job.functions {
+                f.output = None;
+            }
+            let stored = JobRecord {
+                job,
+                started_unix_ms: r.started_unix_ms,
+                agents: r.agents.clone(),
+                instances: r.instances.clone(),
+            };
+            if let Ok(v) = serde_json::to_value(&stored) {
+                jobs.insert(id.clone(), v);
+            }
+        }
+        let ended: Vec<&String> = keep_ended.into_iter().rev().collect();
+        serde_json::json!({ "next": t.next, "jobs": jobs, "ended": ended })
+    }
+
+    /// An agent (re)registered as `instance`: functions that an earlier
+    /// instance on that node was running died with it.
+    pub fn agent_registered(&self, node: &str, instance: &str) {
+        let mut t = self.lock();
+        let mut ended = Vec::new();
+        let mut changed = false;
+        for r in t.jobs.values_mut() {
+            let Some(held_by) = r.instances.get(node) else {
+                continue;
+            };
+            if r.job.state != JobState::Running || held_by == instance {
+                continue;
+            }
+            for f in &mut r.job.functions {
+                if f.state == FunctionState::Running && f.node == node {
+                    f.state = FunctionState::Lost;
+                    f.error = Some(format!(
+                        "the agent on node {node} restarted; the function died with it"
+                    ));
+                    changed = true;
+                }
+            }
+            if settle(r) {
+                ended.push(r.job.id.clone());
+            }
+        }
+        retire(&mut t, ended);
+        drop(t);
+        if changed {
+            self.notify();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// After every change: writes the jobs file (before anyone is told, so
+    /// nothing acknowledged is lost to a crash) and wakes waiters.
     fn notify(&self) {
+        if let Some((store, order)) = &self.store {
+            let _in_order = order.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = store.save(&self.stored_form()) {
+                // The jobs go on in memory; only a restart would forget them.
+                tracing::error!("writing the jobs file: {e}");
+            }
+        }
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -194,7 +312,7 @@ impl Jobs {
                 }
             }
             r.job.state = JobState::Cancelled;
-            r.job.duration_ms = Some(ms(r.started.elapsed()));
+            r.job.duration_ms = Some(ms(r.elapsed()));
             let id = r.job.id.clone();
             retire(&mut t, vec![id.clone()]);
             let r = t.jobs.get(&id)?;
@@ -227,7 +345,7 @@ fn settle(r: &mut JobRecord) -> bool {
     } else {
         JobState::Failed
     };
-    r.job.duration_ms = Some(ms(r.started.elapsed()));
+    r.job.duration_ms = Some(ms(r.elapsed()));
     true
 }
 
@@ -239,6 +357,13 @@ fn retire(t: &mut Table, ended: Vec<String>) {
             t.jobs.remove(&old);
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -261,6 +386,7 @@ fn agent_error(node: &str, e: ClientError) -> HttpError {
 /// `POST /v1/jobs`.
 pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
     let start = Instant::now();
+    let started_unix_ms = unix_ms();
     if req.functions == 0 {
         return Err(bad("a job needs at least one function"));
     }
@@ -350,9 +476,13 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
             output: None,
         })
         .collect();
+    let mut instances = BTreeMap::new();
     for (result, (node, _)) in reserved.into_iter().zip(&agents) {
         match result {
             Ok(r) => {
+                if let Some(instance) = r.instance {
+                    instances.insert(node.clone(), instance);
+                }
                 for ep in r.endpoints {
                     if let Some(f) = functions.get_mut(ep.rank) {
                         f.address = ep.address;
@@ -399,8 +529,9 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
                     launch_ms: 0.0,
                     duration_ms: None,
                 },
-                started: start,
+                started_unix_ms,
                 agents: agents.iter().cloned().collect(),
+                instances,
             },
         );
     }
@@ -485,4 +616,100 @@ pub async fn cancel(c: &Controller, id: &str) -> Result<Job, HttpError> {
     let agents: Vec<(String, SocketAddr)> = agents.into_iter().collect();
     release_all(c, id, &agents).await;
     Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running_job(jobs: &Jobs, id: &str, instance: &str) {
+        let functions = (0..4)
+            .map(|rank| FunctionStatus {
+                rank,
+                node: format!("n{}", rank % 2),
+                address: None,
+                state: FunctionState::Running,
+                exit_code: None,
+                cold: false,
+                error: None,
+                output: None,
+            })
+            .collect();
+        jobs.lock().jobs.insert(
+            id.into(),
+            JobRecord {
+                job: Job {
+                    id: id.into(),
+                    tenant: "t".into(),
+                    state: JobState::Running,
+                    functions,
+                    warm: 4,
+                    cold: 0,
+                    launch_ms: 1.0,
+                    duration_ms: None,
+                },
+                started_unix_ms: unix_ms(),
+                agents: BTreeMap::new(),
+                instances: [("n0", instance), ("n1", instance)]
+                    .map(|(n, i)| (n.to_string(), i.to_string()))
+                    .into(),
+            },
+        );
+        jobs.notify();
+    }
+
+    fn exit(job: &str, rank: usize, code: i32) -> FunctionExit {
+        FunctionExit {
+            job: job.into(),
+            rank,
+            exit_code: Some(code),
+            error: None,
+            output: "out".into(),
+        }
+    }
+
+    #[test]
+    fn a_restarted_agent_loses_only_its_own_running_functions() {
+        let jobs = Jobs::default();
+        running_job(&jobs, "j1", "first");
+        jobs.agent_registered("n1", "first"); // a re-registration: nothing lost
+        assert_eq!(jobs.get("j1").unwrap().state, JobState::Running);
+        jobs.record_exits("n0", vec![exit("j1", 0, 0)]);
+        jobs.agent_registered("n0", "second"); // n0 restarted
+        let job = jobs.get("j1").unwrap();
+        let states: Vec<_> = job.functions.iter().map(|f| f.state).collect();
+        use FunctionState::*;
+        assert_eq!(states, [Exited, Running, Lost, Running]);
+        assert!(job.functions[2]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("restarted"));
+        jobs.record_exits("n1", vec![exit("j1", 1, 0), exit("j1", 3, 0)]);
+        assert_eq!(jobs.get("j1").unwrap().state, JobState::Failed);
+    }
+
+    #[test]
+    fn jobs_survive_a_restart_without_their_output() {
+        let dir = std::env::temp_dir().join(format!("particle-jobs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = || jobs_store(&dir.join("state.json"));
+        let jobs = Jobs::new(Some(store())).unwrap();
+        running_job(&jobs, "j1", "a");
+        jobs.record_exits("n0", vec![exit("j1", 0, 0)]);
+        let next = jobs.lock().next;
+        drop(jobs);
+
+        let again = Jobs::new(Some(store())).unwrap();
+        let job = again.get("j1").expect("the running job is restored");
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.functions[0].state, FunctionState::Exited);
+        assert_eq!(job.functions[0].output, None, "output is not stored");
+        assert_eq!(again.lock().next, next, "ids go on where they stopped");
+        // Exits reported after the restart find the job and end it.
+        again.record_exits("n1", vec![exit("j1", 1, 0), exit("j1", 3, 0)]);
+        again.record_exits("n0", vec![exit("j1", 2, 0)]);
+        assert_eq!(again.get("j1").unwrap().state, JobState::Succeeded);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -91,7 +91,12 @@ impl Controller {
     /// Builds the controller, loading the store if there is one.
     pub fn new(config: &ControllerConfig) -> Result<Self, ControllerError> {
         let store = config.state_file.clone().map(Store::new);
-        let state = match store.as_ref().map(Store::load).transpose()?.flatten() {
+        let state = match store
+            .as_ref()
+            .map(Store::load::<state::Snapshot>)
+            .transpose()?
+            .flatten()
+        {
             Some(snapshot) => {
                 let state = ControllerState::restore(snapshot, Instant::now())?;
                 tracing::info!(
@@ -114,7 +119,7 @@ impl Controller {
                 heartbeat_timeout: config.heartbeat_timeout,
                 long_poll_max: config.long_poll_max,
                 metrics: Metrics::new(),
-                jobs: jobs::Jobs::default(),
+                jobs: jobs::Jobs::new(config.state_file.as_deref().map(jobs::jobs_store))?,
             }),
         })
     }

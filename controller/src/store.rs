@@ -12,7 +12,8 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::state::Snapshot;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,8 +44,8 @@ impl Store {
         &self.path
     }
 
-    /// The stored snapshot, or `None` if there is no file yet (first start).
-    pub fn load(&self) -> Result<Option<Snapshot>, StoreError> {
+    /// The stored value, or `None` if there is no file yet (first start).
+    pub fn load<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -63,9 +64,9 @@ impl Store {
             })
     }
 
-    /// Replaces the stored snapshot atomically (temp file + rename).
-    pub fn save(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
-        let json = serde_json::to_vec_pretty(snapshot).map_err(StoreError::Encode)?;
+    /// Replaces the stored value atomically (temp file + rename).
+    pub fn save<T: Serialize>(&self, value: &T) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(value).map_err(StoreError::Encode)?;
         let tmp = self.temp_path();
         let write_err = |source| StoreError::Write {
             path: tmp.clone(),
@@ -111,7 +112,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::StoredNode;
+    use crate::state::{Snapshot, StoredNode};
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
@@ -127,7 +128,7 @@ mod tests {
     fn missing_file_is_an_empty_start_and_saves_round_trip() {
         let dir = temp_dir("roundtrip");
         let store = Store::new(dir.join("state.json"));
-        assert_eq!(store.load().unwrap(), None);
+        assert_eq!(store.load::<Snapshot>().unwrap(), None);
         let snap = Snapshot {
             version: 7,
             tenants: vec![],
@@ -153,7 +154,7 @@ mod tests {
         let dir = temp_dir("garbage");
         let path = dir.join("state.json");
         fs::write(&path, b"{not json").unwrap();
-        let e = Store::new(&path).load().unwrap_err();
+        let e = Store::new(&path).load::<Snapshot>().unwrap_err();
         assert!(matches!(e, StoreError::Parse { .. }));
         assert!(e.to_string().contains("state.json"), "{e}");
         fs::remove_dir_all(&dir).unwrap();

@@ -72,10 +72,12 @@ pub async fn run_with_warm(
         Some(l) => Some(l.local_addr()?.port()),
         None => None,
     };
+    let instance = agent_instance();
     let register = RegisterNode {
         node: config.node_name.clone(),
         underlay_ip: config.node.underlay.address,
         api_port,
+        instance: Some(instance.clone()),
     };
     let bundle_dir = config
         .socket_path
@@ -86,6 +88,7 @@ pub async fn run_with_warm(
             node: config.node_name.clone(),
             oci_runtime: config.oci_runtime.clone(),
             bundle_dir,
+            instance,
         },
     );
     let api = agent_api::router(jobs.clone(), client.token());
@@ -213,4 +216,14 @@ async fn follow(
             }
         }
     }
+}
+
+/// Unique per agent start (pid and start time): the controller tells a
+/// restarted agent, which lost its functions, from one that only re-registers.
+fn agent_instance() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{nanos:x}", std::process::id())
 }

@@ -40,6 +40,8 @@ pub struct LaunchSettings {
     pub oci_runtime: Option<PathBuf>,
     /// Where OCI bundles are written.
     pub bundle_dir: PathBuf,
+    /// This agent run's identity ([`particle_controller::api::RegisterNode::instance`]).
+    pub instance: String,
 }
 
 #[derive(Default)]
@@ -188,7 +190,10 @@ impl NodeJobs {
                 running: 0,
             },
         );
-        Ok(Reserved { endpoints })
+        Ok(Reserved {
+            endpoints,
+            instance: Some(self.settings.instance.clone()),
+        })
     }
 
     /// Starts every reserved function of `job`; must run inside the tokio

@@ -3,6 +3,12 @@
 // Each test crate compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
 /// These tests drive the real kernel; without root they must fail, loudly.
 pub fn require_root() {
     assert!(
@@ -11,12 +17,89 @@ pub fn require_root() {
     );
 }
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-
 pub fn particle() -> Command {
     Command::new(env!("CARGO_BIN_EXE_particle"))
+}
+
+/// stdout and stderr, for assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port`; the whole answer, status line first.
+pub fn http(port: u16, method: &str, path: &str, token: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The pid of the cluster process running `particle SUBCOMMAND` with an
+/// argument that mentions `needle`.
+pub fn pid_of(needle: &str, subcommand: &str) -> Option<i32> {
+    child_pid_of(None, needle, subcommand)
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces: state, ppid.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// [`pid_of`] among the children of `parent` only: an agent's forked
+/// function supervisors share its command line but are not `cluster up`'s.
+pub fn child_pid_of(parent: Option<i32>, needle: &str, subcommand: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        if parent.is_some() && parent_of(pid) != parent {
+            return None;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours =
+            args.get(1).is_some_and(|a| a == subcommand) && args.iter().any(|a| a.contains(needle));
+        ours.then_some(pid)
+    })
+}
+
+/// Links in the namespace of a process.
+pub fn links_of(pid: i32) -> usize {
+    let ns = particle_net::NetNs::open(format!("/proc/{pid}/ns/net")).unwrap();
+    let mut socket = particle_net::NetlinkSocket::open_in(&ns).unwrap();
+    particle_net::endpoint::list_links(&mut socket)
+        .unwrap()
+        .len()
+}
+
+/// Waits up to `secs` for `f`, failing the test with `what` otherwise.
+pub fn eventually_within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_within(20, what, f)
 }
 
 /// A `particle cluster up` running in the background, stopped (SIGTERM, as
@@ -25,6 +108,11 @@ pub struct Cluster {
     child: Child,
     pub port: u16,
     pub token_file: PathBuf,
+    pub token: String,
+    /// The cluster's files (logs, sockets, the controller's store).
+    pub logs: String,
+    /// Each node's agent socket, n0 first.
+    pub sockets: Vec<String>,
 }
 
 impl Cluster {
@@ -43,12 +131,25 @@ impl Cluster {
             child,
             port,
             token_file: PathBuf::new(),
+            token: String::new(),
+            logs: String::new(),
+            sockets: Vec::new(),
         };
         let mut lines = BufReader::new(stdout).lines();
         for line in lines.by_ref() {
             let line = line.unwrap();
             if let Some(path) = line.trim().strip_prefix("token") {
                 cluster.token_file = PathBuf::from(path.trim());
+                cluster.token = std::fs::read_to_string(&cluster.token_file)
+                    .unwrap()
+                    .trim()
+                    .to_string();
+            }
+            if let Some(path) = line.trim().strip_prefix("logs") {
+                cluster.logs = path.trim().to_string();
+            }
+            if let Some(socket) = line.split("agent socket ").nth(1) {
+                cluster.sockets.push(socket.trim().to_string());
             }
             if line.starts_with("ready") {
                 // Keep reading: it prints again when it stops.
@@ -67,6 +168,51 @@ impl Cluster {
             .arg("--token-file")
             .arg(&self.token_file);
         cmd
+    }
+
+    /// An API call through the relay: (status code, body).
+    pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let answer = http(self.port, method, path, &self.token, body);
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// An API call that must answer `expected`; its body as JSON.
+    pub fn api_json(
+        &self,
+        method: &str,
+        path: &str,
+        body: &str,
+        expected: u16,
+    ) -> serde_json::Value {
+        let (status, answer) = self.api(method, path, body);
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+        serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Creates a tenant with `warm` endpoints per node.
+    pub fn create_tenant(&self, name: &str, vni: u32, subnet: &str, warm: usize) {
+        let body = format!(
+            r#"{{"name":"{name}","vni":{vni},"subnet":"{subnet}","warm_per_node":{warm}}}"#
+        );
+        self.api_json("POST", "/v1/tenants", &body, 201);
+    }
+
+    /// The pid of node `i`'s agent now.
+    pub fn agent_pid(&self, i: usize) -> Option<i32> {
+        child_pid_of(Some(self.child.id() as i32), &self.sockets[i], "agent")
+    }
+
+    pub fn controller_pid(&self) -> Option<i32> {
+        child_pid_of(Some(self.child.id() as i32), &self.logs, "controller")
     }
 }
 
