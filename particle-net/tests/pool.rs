@@ -128,3 +128,42 @@ fn bad_pool_configs_are_refused() {
         assert!(matches!(err, PoolError::Config(_)), "{err}");
     }
 }
+
+#[test]
+fn a_kernel_refusal_in_a_refill_batch_is_reported_and_the_rest_of_the_pool_is_fine() {
+    let mut t = scratch("10.209.0.0/24");
+    let factory = t.node.factory(1).unwrap();
+    // The kernel refuses the batch's third endpoint: its host-end name is
+    // already taken by a link planted here.
+    let clash = particle_net::EndpointFactory::host_ifname(factory.prefix(), 2).unwrap();
+    particle_net::bridge::Bridge::create(&mut t.node.socket, &clash, None).unwrap();
+    let config = PoolConfig {
+        high_watermark: 6,
+        low_watermark: 2,
+        batch_size: 6,
+    };
+    let block = t.node.block.clone();
+    let pool = EndpointPool::start(factory, block, config).unwrap();
+    // The refiller reports the failure and makes up for it in a later batch.
+    pool.wait_ready(6, WAIT).unwrap();
+    let stats = pool.stats();
+    assert_eq!(stats.build_errors, 1, "{stats:?}");
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(error.contains(clash.as_str()), "{error}");
+    assert_eq!(stats.created, 6, "{stats:?}");
+
+    // Every endpoint in the pool is whole and claimable; the failed one left
+    // nothing but the planted link.
+    let claimed: Vec<_> = (0..6).map(|_| pool.claim().unwrap()).collect();
+    let mut links = t.node.extra_links().unwrap();
+    links.sort();
+    let mut expected: Vec<String> = claimed
+        .iter()
+        .map(|e| e.host_ifname().to_string())
+        .chain([clash.to_string()])
+        .collect();
+    expected.sort();
+    assert_eq!(links, expected);
+    drop(claimed);
+    drop(pool);
+}
