@@ -51,8 +51,9 @@ pub struct StartupArgs {
 const FUNCTION_TIMEOUT_S: u64 = 600;
 
 /// The ring function's argv: `particle-fn` beside this binary, else this
-/// binary's own `particle fn` (the same code).
-fn ring_argv() -> Result<Vec<String>> {
+/// binary's own `particle fn` (the same code); a function gives up after
+/// `timeout_s`.
+pub fn ring_argv(timeout_s: u64) -> Result<Vec<String>> {
     let exe = std::env::current_exe().context("locating the particle binary")?;
     let small = exe.with_file_name("particle-fn");
     let mut argv = if small.exists() {
@@ -61,7 +62,7 @@ fn ring_argv() -> Result<Vec<String>> {
         vec![exe.display().to_string(), "fn".into()]
     };
     argv.extend(["ring", "--timeout-s"].map(String::from));
-    argv.push(FUNCTION_TIMEOUT_S.to_string());
+    argv.push(timeout_s.to_string());
     Ok(argv)
 }
 
@@ -74,7 +75,7 @@ pub fn run(args: &StartupArgs) -> Result<StartupReport> {
         args.nodes >= 1 && args.functions >= 1,
         "need at least one node and one function"
     );
-    let argv = ring_argv()?;
+    let argv = ring_argv(FUNCTION_TIMEOUT_S)?;
     let mut sweep = if args.sweep.is_empty() {
         vec![args.functions / 4, args.functions / 2, args.functions]
     } else {
@@ -186,7 +187,7 @@ fn particle(
     })
 }
 
-async fn create_tenant(api: &ApiClient, name: &str, vni: u32, subnet: &str) -> Result<()> {
+pub async fn create_tenant(api: &ApiClient, name: &str, vni: u32, subnet: &str) -> Result<()> {
     let body = CreateTenant {
         name: name.into(),
         vni,
@@ -202,7 +203,7 @@ async fn create_tenant(api: &ApiClient, name: &str, vni: u32, subnet: &str) -> R
     Ok(())
 }
 
-async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<()> {
+pub async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<()> {
     let body = WarmTarget {
         per_node: Some(per_node),
     };

@@ -1,6 +1,7 @@
 //! `particle`: the one command operators run.
 
 mod bench_pipeline;
+mod bench_soak;
 mod bench_startup;
 mod cluster;
 mod config;
@@ -264,6 +265,10 @@ enum Bench {
     /// node, Particle warm/cold vs hand-built overlay, CNI bridge, Docker Swarm
     /// and no network, in one run; table, JSON and a plot.
     Startup(bench_startup::StartupArgs),
+    /// Churn: bursts launched and ended without pause (several tenants, mixed
+    /// sizes, cancels) on a local cluster; errors, startup over time, and what
+    /// every agent holds at the start and the end (must match: nothing leaks).
+    Soak(bench_soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -349,6 +354,19 @@ fn main() -> Result<()> {
             } else {
                 print!("{}", bench_pipeline::render(&report));
             }
+        }
+        Command::Bench {
+            bench: Bench::Soak(args),
+        } => {
+            let report = bench_soak::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", particle_bench::soak::render(&report));
+            }
+            let leaks = report.leaks();
+            anyhow::ensure!(leaks.is_empty(), "leaked: {leaks:?}");
+            anyhow::ensure!(report.errors == 0, "{} jobs failed", report.errors);
         }
         Command::Bench {
             bench: Bench::Startup(args),
