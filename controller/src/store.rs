@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -73,7 +74,14 @@ impl Store {
             source,
         };
         {
-            let mut file = fs::File::create(&tmp).map_err(write_err)?;
+            // Tenants, nodes and jobs are the operator's business only.
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(write_err)?;
             file.write_all(&json).map_err(write_err)?;
             // Data must be on disk before the rename makes it visible.
             file.sync_all().map_err(write_err)?;

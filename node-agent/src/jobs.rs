@@ -32,6 +32,9 @@ const REPORTED_OUTPUT: usize = 16 << 10;
 /// Ended jobs whose output stays readable.
 const RETAINED_JOBS: usize = 64;
 
+/// How long a reserve waits for a tenant the controller knows to reach this node.
+const NEW_TENANT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How this node starts functions.
 #[derive(Debug, Clone)]
 pub struct LaunchSettings {
@@ -140,6 +143,8 @@ impl NodeJobs {
             ));
         }
         let clock = std::time::Instant::now();
+        // The controller knows the tenant; this node may still be building it.
+        self.claims.wait_for_tenant(&req.tenant, NEW_TENANT_WAIT);
         let claimed = self
             .claims
             .claim_many(&req.tenant, req.ranks.len())

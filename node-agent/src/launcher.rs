@@ -7,7 +7,9 @@
 //! child is a small supervisor that waits for the function (PID 1 of its
 //! namespace) and exits with its status; killing the supervisor kills the
 //! function (parent-death signal) and with it everything in its PID
-//! namespace, so a cancel leaves no stray process.
+//! namespace, so a cancel leaves no stray process. The function runs with
+//! no capabilities at all (see [`drop_privileges`]): it cannot leave its
+//! namespaces or touch the network configuration.
 //!
 //! OCI: the same function started through a real OCI runtime (`runc`, from
 //! Debian's package) with a generated bundle whose network namespace is the
@@ -124,11 +126,66 @@ fn builtin(spec: &FunctionSpec<'_>, program: &str) -> Result<Command, LaunchErro
     // async-signal-safe calls are allowed (no allocation).
     let hostname = CString::new(spec.name).map_err(|_| LaunchError::Nul)?;
     let netns = spec.netns.map(|fd| fd.as_raw_fd());
+    let last_cap = last_capability();
     // SAFETY: the closure only makes raw system calls on values prepared above.
     unsafe {
-        cmd.pre_exec(move || enter_container(netns, &hostname));
+        cmd.pre_exec(move || {
+            enter_container(netns, &hostname)?;
+            drop_privileges(last_cap)
+        });
     }
     Ok(cmd)
+}
+
+/// The highest capability number this kernel knows.
+fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        // 40 (CAP_CHECKPOINT_RESTORE) on every kernel since 5.9.
+        .unwrap_or(40)
+}
+
+/// Runs in the function just before exec: it keeps uid 0 (it may write the
+/// node's files its job names) but loses every capability, for good, so it
+/// cannot leave its namespaces (setns, unmounting its /proc to reach the
+/// node's), reconfigure its network, or reach the node some other way; and
+/// exec can never grant them back (empty bounding set, no_new_privs).
+fn drop_privileges(last_cap: u32) -> io::Result<()> {
+    let check = |r: libc::c_int| {
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY (whole block): raw syscalls with plain integer arguments and a
+    // stack buffer; no allocation.
+    unsafe {
+        for cap in 0..=last_cap {
+            check(libc::prctl(
+                libc::PR_CAPBSET_DROP,
+                cap as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))?;
+        }
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
+        // capset(2) version 3: two 32-bit words of effective, permitted and
+        // inheritable sets, all zero.
+        let header = [0x2008_0522u32, 0];
+        let data = [0u32; 6];
+        check(libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) as libc::c_int)?;
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    Ok(())
 }
 
 /// Runs in the forked child: joins the endpoint, then forks the function

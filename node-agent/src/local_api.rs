@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -45,7 +45,9 @@ pub enum LocalRequest {
     Release {
         id: u64,
     },
-    Status,
+    // An empty struct variant, not a unit one: serde's deny_unknown_fields
+    // ignores unit variants of a tagged enum (`{"op":"status","x":1}` passed).
+    Status {},
     Attach {
         network: String,
         tenant: String,
@@ -241,6 +243,24 @@ impl Claims {
         )
     }
 
+    /// Waits up to `within` for `tenant`'s network to exist on this node: a
+    /// tenant created a moment ago reaches the agent by the next overlay
+    /// update, and a launch may come right behind it.
+    pub fn wait_for_tenant(&self, tenant: &str, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let known = self
+                .pools
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(tenant);
+            if known || std::time::Instant::now() >= deadline {
+                return known;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Claims `n` endpoints of `tenant` for a burst: warm ones first, then
     /// tenant-free ones bound to it, then the rest built right now in one
     /// batch. Each entry is the endpoint and whether it was built cold, or
@@ -410,7 +430,7 @@ impl Claims {
                     None => LocalResponse::error(format!("no claimed endpoint {id}")),
                 }
             }
-            LocalRequest::Status => LocalResponse::Status {
+            LocalRequest::Status {} => LocalResponse::Status {
                 ok: true,
                 pools: self.pool_levels(),
             },
@@ -447,17 +467,41 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the local API until the listener fails.
+/// Serves the local API until the listener fails. The API is the node's
+/// (runtimes, the CNI plugin, operators), never a function's: a caller whose
+/// network namespace is a claimed endpoint's is answered with an error and
+/// cut off, whatever the socket file's permissions let through.
 pub async fn serve(listener: UnixListener, claims: Arc<Claims>) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let claims = claims.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, claims).await {
+            let result = match function_caller(&stream, &claims) {
+                Some(tenant) => refuse(stream, &tenant).await,
+                None => connection(stream, claims).await,
+            };
+            if let Err(e) = result {
                 tracing::debug!("local API connection: {e}");
             }
         });
     }
+}
+
+/// The tenant whose function is at the other end, if it is one.
+fn function_caller(stream: &UnixStream, claims: &Claims) -> Option<String> {
+    let cred = stream.peer_cred().ok()?;
+    let inode = std::fs::metadata(format!("/proc/{}/ns/net", cred.pid()?))
+        .ok()?
+        .ino();
+    claims.tenant_of_netns(inode)
+}
+
+async fn refuse(mut stream: UnixStream, tenant: &str) -> std::io::Result<()> {
+    tracing::warn!(tenant, "a function called the agent's local API: refused");
+    let response = LocalResponse::error("the agent's local API does not serve functions");
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    stream.write_all(&out).await
 }
 
 async fn connection(stream: UnixStream, claims: Arc<Claims>) -> std::io::Result<()> {
@@ -512,7 +556,7 @@ mod tests {
         );
         assert_eq!(
             parse_request(r#"{"op":"status"}"#),
-            Ok(LocalRequest::Status)
+            Ok(LocalRequest::Status {})
         );
         for bad in [
             "",
@@ -520,6 +564,7 @@ mod tests {
             r#"{"op":"destroy"}"#,
             r#"{"op":"claim"}"#,
             r#"{"op":"claim","tenant":"a","x":1}"#,
+            r#"{"op":"status","tenant":"a"}"#,
             r#"{"op":"release","id":-1}"#,
         ] {
             let err = parse_request(bad).unwrap_err();
@@ -617,11 +662,339 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(
-            claims.handle(LocalRequest::Status),
+            claims.handle(LocalRequest::Status {}),
             LocalResponse::Status {
                 ok: true,
                 pools: BTreeMap::new()
             }
         );
+    }
+}
+
+/// Bounded fuzzing (property tests, run by `cargo test`) of the request
+/// parser and of the connection loop over a real socket.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use serde_json::Value;
+
+    fn config(cases: u32) -> Config {
+        Config {
+            cases,
+            // A bug found here becomes a plain test; no files in the tree.
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    /// Any characters, control characters, quotes and newlines included.
+    fn text() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => "[a-z0-9/_-]{0,10}",
+            1 => prop::collection::vec(any::<char>(), 0..10).prop_map(String::from_iter),
+        ]
+        .boxed()
+    }
+
+    fn key() -> BoxedStrategy<AttachmentKey> {
+        (text(), text())
+            .prop_map(|(container_id, ifname)| AttachmentKey {
+                container_id,
+                ifname,
+            })
+            .boxed()
+    }
+
+    fn request() -> BoxedStrategy<LocalRequest> {
+        prop_oneof![
+            text().prop_map(|tenant| LocalRequest::Claim { tenant }),
+            any::<u64>().prop_map(|id| LocalRequest::Release { id }),
+            Just(LocalRequest::Status {}),
+            (text(), text(), text(), text(), text(), any::<bool>()).prop_map(
+                |(network, tenant, container_id, ifname, netns, plug)| LocalRequest::Attach {
+                    network,
+                    tenant,
+                    container_id,
+                    ifname,
+                    netns,
+                    mode: if plug {
+                        AttachMode::Plug
+                    } else {
+                        AttachMode::Move
+                    },
+                }
+            ),
+            (text(), text()).prop_map(|(container_id, ifname)| LocalRequest::Detach {
+                container_id,
+                ifname
+            }),
+            (text(), text()).prop_map(|(container_id, ifname)| LocalRequest::Check {
+                container_id,
+                ifname
+            }),
+            (text(), prop::collection::vec(key(), 0..3))
+                .prop_map(|(network, valid)| LocalRequest::Gc { network, valid }),
+        ]
+        .boxed()
+    }
+
+    fn json_value() -> BoxedStrategy<Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(text(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    /// A request object with an `op` and fields of the right names, each
+    /// maybe missing or of any type.
+    fn near_request() -> BoxedStrategy<Value> {
+        let op = prop::sample::select(vec![
+            "claim", "release", "status", "attach", "detach", "check", "gc", "destroy", "",
+        ]);
+        let field = prop::sample::select(vec![
+            "tenant",
+            "id",
+            "network",
+            "container_id",
+            "ifname",
+            "netns",
+            "mode",
+            "valid",
+            "op",
+            "extra",
+        ]);
+        let value = prop_oneof![
+            2 => text().prop_map(Value::from),
+            1 => any::<u64>().prop_map(Value::from),
+            1 => prop::sample::select(vec!["plug", "move", "teleport"]).prop_map(Value::from),
+            1 => prop::collection::vec(key(), 0..2).prop_map(|v| serde_json::json!(v)),
+            1 => json_value(),
+        ];
+        (op, prop::collection::btree_map(field, value, 0..6))
+            .prop_map(|(op, fields)| {
+                let mut m: serde_json::Map<String, Value> = fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                m.entry("op").or_insert_with(|| Value::from(op));
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    /// Arbitrary text never panics the parser: a request or a "malformed
+    /// request" error.
+    #[test]
+    fn any_text_parses_or_is_refused() {
+        let text = prop_oneof![
+            ".{0,64}",
+            prop::collection::vec(any::<char>(), 0..64).prop_map(String::from_iter),
+            json_value().prop_map(|v| v.to_string()),
+        ];
+        TestRunner::new(config(2000))
+            .run(&text, |line| {
+                if let Err(e) = parse_request(&line) {
+                    prop_assert!(e.starts_with("malformed request"), "{line:?}: {e}");
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// What the parser accepts it represents exactly: every field given is
+    /// known and comes back unchanged when the request is serialised.
+    #[test]
+    fn accepted_requests_keep_every_field() {
+        let values = prop_oneof![near_request(), json_value()];
+        TestRunner::new(config(3000))
+            .run(&values, |v| {
+                let Ok(req) = parse_request(&v.to_string()) else {
+                    return Ok(());
+                };
+                let back = serde_json::to_value(&req).unwrap();
+                let (Value::Object(given), Value::Object(back)) = (&v, &back) else {
+                    return Err(TestCaseError::fail(format!("{v} parsed as {req:?}")));
+                };
+                for (k, given) in given {
+                    // Entries of `valid` may carry keys that are ignored.
+                    if k == "valid" {
+                        prop_assert_eq!(
+                            given.as_array().map(Vec::len),
+                            back[k].as_array().map(Vec::len)
+                        );
+                    } else {
+                        prop_assert_eq!(Some(given), back.get(k), "{} in {}", k, v);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Serialising a request gives one line that parses back to it.
+    #[test]
+    fn requests_round_trip_on_one_line() {
+        TestRunner::new(config(2000))
+            .run(&request(), |req| {
+                let line = serde_json::to_string(&req).unwrap();
+                prop_assert!(!line.contains('\n'), "{line:?}");
+                prop_assert_eq!(parse_request(&line), Ok(req));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// One line a client may send.
+    #[derive(Debug, Clone)]
+    enum Sent {
+        Request(LocalRequest),
+        Text(String),
+        Bytes(Vec<u8>),
+        /// A line of this many bytes before its newline, maybe too long.
+        Long(usize),
+    }
+
+    impl Sent {
+        fn bytes(&self) -> Vec<u8> {
+            let mut b = match self {
+                Self::Request(r) => serde_json::to_vec(r).unwrap(),
+                Self::Text(t) => t.clone().into_bytes(),
+                Self::Bytes(b) => b
+                    .iter()
+                    .map(|&b| if b == b'\n' { b' ' } else { b })
+                    .collect(),
+                Self::Long(n) => {
+                    // A valid request padded with spaces: only its length is wrong.
+                    let mut b = br#"{"op":"status"}"#.to_vec();
+                    b.resize((*n).max(b.len()), b' ');
+                    b
+                }
+            };
+            b.push(b'\n');
+            b
+        }
+    }
+
+    fn sent() -> BoxedStrategy<Sent> {
+        prop_oneof![
+            4 => request().prop_map(Sent::Request),
+            2 => near_request().prop_map(|v| Sent::Text(v.to_string())),
+            1 => ".{0,40}".prop_map(Sent::Text),
+            1 => prop::collection::vec(any::<u8>(), 0..40).prop_map(Sent::Bytes),
+            1 => prop_oneof![MAX_LINE - 3..MAX_LINE + 3, 0..3 * MAX_LINE].prop_map(Sent::Long),
+        ]
+        .boxed()
+    }
+
+    /// The replies the connection loop owes for `lines`, from a fresh model:
+    /// one per line, in order, up to the first line it cannot read (not
+    /// UTF-8: closed without a reply) or that is too long (an error, then
+    /// closed). True if it closes before the last line.
+    fn expected_replies(lines: &[Vec<u8>]) -> (Vec<Value>, bool) {
+        let model = Claims::default();
+        let mut out = Vec::new();
+        for line in lines {
+            // The loop reads at most MAX_LINE + 1 bytes of a line.
+            let read = &line[..line.len().min(MAX_LINE + 1)];
+            let Ok(text) = std::str::from_utf8(read) else {
+                return (out, true);
+            };
+            if read.len() > MAX_LINE {
+                out.push(
+                    serde_json::to_value(LocalResponse::error(format!(
+                        "request longer than {MAX_LINE} bytes"
+                    )))
+                    .unwrap(),
+                );
+                return (out, true);
+            }
+            let reply = match parse_request(text.trim()) {
+                Ok(req) => model.handle(req),
+                Err(e) => LocalResponse::error(e),
+            };
+            out.push(serde_json::to_value(reply).unwrap());
+        }
+        (out, false)
+    }
+
+    /// What the agent answers to `input`, and whether the connection was reset.
+    async fn exchange(path: &Path, input: Vec<u8>) -> (Vec<u8>, bool) {
+        let stream = UnixStream::connect(path).await.unwrap();
+        let (mut read, mut write) = stream.into_split();
+        // Written while replies are read: a long input must not deadlock on
+        // full socket buffers.
+        let writer = tokio::spawn(async move {
+            // The agent may close early (a line too long or not UTF-8).
+            let _ = write.write_all(&input).await;
+            let _ = write.shutdown().await;
+        });
+        let mut replies = Vec::new();
+        // A Unix stream closed with input unread resets the other end after
+        // the data sent before: what was read is what the agent answered.
+        let reset = match read.read_to_end(&mut replies).await {
+            Ok(_) => false,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+            Err(e) => panic!("reading replies: {e}"),
+        };
+        writer.await.unwrap();
+        (replies, reset)
+    }
+
+    /// End to end over the real socket: arbitrary lines (invalid UTF-8, too
+    /// long, many) get exactly the replies owed, never a panic, and a new
+    /// connection's `status` still works afterwards.
+    #[test]
+    fn the_socket_answers_every_line_or_closes() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("particle-local-api-fuzz-{}", std::process::id()));
+        let path = dir.join("agent.sock");
+        let server = rt.block_on(async {
+            let listener = bind(&path).unwrap();
+            tokio::spawn(serve(listener, Arc::new(Claims::default())))
+        });
+        let lines = prop::collection::vec(sent(), 0..24);
+        let result = TestRunner::new(config(300)).run(&lines, |lines| {
+            let lines: Vec<Vec<u8>> = lines.iter().map(Sent::bytes).collect();
+            let (expected, closes_early) = expected_replies(&lines);
+            rt.block_on(async {
+                let (replies, reset) = exchange(&path, lines.concat()).await;
+                prop_assert!(!reset || closes_early, "reset though every line was read");
+                prop_assert!(replies.is_empty() || replies.ends_with(b"\n"));
+                let replies: Vec<Value> = replies
+                    .split(|&b| b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|l| serde_json::from_slice(l).unwrap())
+                    .collect();
+                prop_assert_eq!(replies, expected);
+                let (status, _) = exchange(&path, b"{\"op\":\"status\"}\n".to_vec()).await;
+                prop_assert_eq!(
+                    serde_json::from_slice::<Value>(&status).unwrap(),
+                    serde_json::json!({"ok": true, "pools": {}})
+                );
+                Ok(())
+            })
+        });
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        result.unwrap();
     }
 }
