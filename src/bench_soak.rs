@@ -33,6 +33,10 @@ pub struct SoakArgs {
     /// The largest burst; sizes cycle up to it (some beyond the warm pools).
     #[arg(long, default_value_t = 48)]
     pub max_functions: usize,
+    /// Seconds the pools get at the end to refill and the kernel to let go of
+    /// what the last functions used, before the final census.
+    #[arg(long, default_value_t = 120)]
+    pub settle: u64,
     /// Seconds per line of the startup-over-time table [default: duration / 10, at least 5].
     #[arg(long)]
     pub window: Option<u64>,
@@ -45,8 +49,6 @@ pub struct SoakArgs {
 const SIZES: [usize; 8] = [2, 8, 24, 48, 4, 16, 32, 12];
 /// A ring function that has not reached its peer by then has failed.
 const FUNCTION_TIMEOUT_S: u64 = 60;
-/// How long the pools get to refill and functions to go at the end.
-const SETTLE: Duration = Duration::from_secs(60);
 const ERROR_SAMPLES: usize = 10;
 
 /// What one job of the soak came to.
@@ -116,7 +118,10 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
                 } else {
                     ring_job(api, &tenant, argv, size).await
                 };
-                (size, outcome.with_context(|| format!("job {n}: {size} functions of {tenant}")))
+                (
+                    size,
+                    outcome.with_context(|| format!("job {n}: {size} functions of {tenant}")),
+                )
             }
         };
         let (a, b) = runtime.block_on(async { tokio::join!(job(0), job(1)) });
@@ -144,7 +149,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
 
     // The pools refill behind the last jobs and their functions go; wait
     // for every agent to be back where it started (or the settle time to pass).
-    let end = census(&agents, Some((&start, SETTLE)))?;
+    let end = census(&agents, Some((&start, Duration::from_secs(args.settle))))?;
     report.agents = agents
         .iter()
         .zip(start.into_iter().zip(end))
@@ -191,7 +196,12 @@ fn census(
 }
 
 /// A ring burst run to its end: every function's startup, launch to peer reached.
-async fn ring_job(api: &ApiClient, tenant: &str, argv: Vec<String>, size: usize) -> Result<Outcome> {
+async fn ring_job(
+    api: &ApiClient,
+    tenant: &str,
+    argv: Vec<String>,
+    size: usize,
+) -> Result<Outcome> {
     let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
     let (submitted, _, runs) = launch_job(api, tenant, argv, size, timeout).await?;
     let startups = runs

@@ -3,6 +3,7 @@
 //! are noisy, so an absolute time alone proves nothing.
 
 pub mod agent_nodes;
+pub mod agent_resources;
 pub mod baselines;
 pub mod cni_add;
 pub mod delay_line;
@@ -10,6 +11,7 @@ pub mod endpoints;
 pub mod pipeline;
 pub mod pipeline_baseline;
 pub mod reuse;
+pub mod soak;
 pub mod startup;
 pub mod stats;
 pub mod timeline;

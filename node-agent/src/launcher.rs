@@ -127,10 +127,11 @@ fn builtin(spec: &FunctionSpec<'_>, program: &str) -> Result<Command, LaunchErro
     let hostname = CString::new(spec.name).map_err(|_| LaunchError::Nul)?;
     let netns = spec.netns.map(|fd| fd.as_raw_fd());
     let last_cap = last_capability();
+    let agent = std::process::id() as libc::pid_t;
     // SAFETY: the closure only makes raw system calls on values prepared above.
     unsafe {
         cmd.pre_exec(move || {
-            enter_container(netns, &hostname)?;
+            enter_container(netns, &hostname, agent)?;
             drop_privileges(last_cap)
         });
     }
@@ -190,7 +191,7 @@ fn drop_privileges(last_cap: u32) -> io::Result<()> {
 
 /// Runs in the forked child: joins the endpoint, then forks the function
 /// into new PID/mount/UTS/IPC namespaces and stays behind as its supervisor.
-fn enter_container(netns: Option<i32>, hostname: &CString) -> io::Result<()> {
+fn enter_container(netns: Option<i32>, hostname: &CString, agent: libc::pid_t) -> io::Result<()> {
     let check = |r: libc::c_long| {
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -219,7 +220,7 @@ fn enter_container(netns: Option<i32>, hostname: &CString) -> io::Result<()> {
             0usize,
         ))? as libc::pid_t;
         if pid > 0 {
-            supervise(pid);
+            supervise(pid, agent);
         }
         // The function: PID 1 of its namespace. Dies with its supervisor.
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL).into())?;
@@ -252,11 +253,44 @@ fn enter_container(netns: Option<i32>, hostname: &CString) -> io::Result<()> {
 
 /// The supervisor: lets go of the agent's descriptors (among them the pipe
 /// through which the agent learns whether exec succeeded), waits for the
-/// function and exits with its status. Never returns.
-fn supervise(pid: libc::pid_t) -> ! {
+/// function and exits with its status. Never returns. If the agent dies
+/// first (crash, SIGKILL), it kills the function and exits: a parent-death
+/// signal cannot do this, since it fires when the agent's *thread* that
+/// forked us ends, and tokio ends idle blocking threads.
+fn supervise(pid: libc::pid_t, agent: libc::pid_t) -> ! {
     // SAFETY: raw syscalls only; `_exit` skips atexit handlers and destructors.
     unsafe {
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let agent_fd = libc::syscall(libc::SYS_pidfd_open, agent, 0u32) as libc::c_int;
+        let function_fd = libc::syscall(libc::SYS_pidfd_open, pid, 0u32) as libc::c_int;
+        // Re-parented already (the agent died before we looked): give up.
+        if agent_fd < 0 || libc::getppid() != agent {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        if agent_fd >= 0 && function_fd >= 0 {
+            let mut fds = [
+                libc::pollfd {
+                    fd: function_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: agent_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            loop {
+                let r = libc::poll(fds.as_mut_ptr(), 2, -1);
+                if r < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                if fds[1].revents != 0 {
+                    libc::kill(pid, libc::SIGKILL); // the agent is gone
+                }
+                break;
+            }
+        }
         let mut status = 0;
         loop {
             let r = libc::waitpid(pid, &mut status, 0);

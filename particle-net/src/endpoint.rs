@@ -140,6 +140,46 @@ impl Endpoint {
         Ok(links == [(ENDPOINT_IFNAME, true), ("lo", true)] && addrs == expected_addrs)
     }
 
+    /// Forgets every neighbour (ARP) entry the endpoint learnt: the peers
+    /// it talked to may be gone and their addresses reused by endpoints with
+    /// other MACs, so its next user must start with the empty cache the
+    /// first one had. For the pool's recycler, before reuse.
+    pub fn forget_neighbours(&self) -> Result<(), EndpointError> {
+        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let mut socket = NetlinkSocket::open_in(&self.netns)?;
+        let learnt: Vec<Request> = socket
+            .query("list neighbours", messages::dump_ipv4_neighbours(), true)?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        Some((n.header.ifindex, *ip))
+                    }
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .map(|(index, ip)| {
+                Request::change(
+                    format!("forget the ARP entry of {ip}"),
+                    messages::delete_neighbour(index, ip),
+                )
+            })
+            .collect();
+        if !learnt.is_empty() {
+            // An entry that expired meanwhile is gone already: fine.
+            for outcome in socket.execute(&learnt)? {
+                match outcome {
+                    Err(e) if e.errno() != Some(nix::libc::ENOENT) => {
+                        return Err(NetlinkError::Request(e).into())
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Destroys the endpoint (same as dropping it, but says so).
     pub fn destroy(self) {}
 }
@@ -256,6 +296,12 @@ struct Built {
 pub struct EndpointFactory {
     workers: Vec<(Sender<Job>, JoinHandle<()>)>,
     prefix: RunPrefix,
+    /// A socket in the home namespace and the bridge there, for clearing the
+    /// traces a released endpoint leaves on the bridge (see
+    /// [`Self::forget_neighbour`]); reopened if it ever fails.
+    home: NetNs,
+    bridge_index: Option<u32>,
+    home_socket: Mutex<Option<NetlinkSocket>>,
 }
 
 impl std::fmt::Debug for EndpointFactory {
@@ -285,14 +331,53 @@ impl EndpointFactory {
                 .map_err(|e| EndpointError::WorkerGone(e.to_string()))?;
             workers.push((tx, handle));
         }
+        // Opened now, so that a factory's fds do not change as it works.
+        let home_socket = match config.bridge_index {
+            Some(_) => Some(NetlinkSocket::open_in(&config.home)?),
+            None => None,
+        };
         Ok(Self {
             workers,
             prefix: config.prefix,
+            home: config.home,
+            bridge_index: config.bridge_index,
+            home_socket: Mutex::new(home_socket),
         })
     }
 
     pub fn prefix(&self) -> &RunPrefix {
         &self.prefix
+    }
+
+    /// Removes the bridge's ARP entry for `address`, which a released
+    /// endpoint leaves behind once traffic was routed to it: the next
+    /// endpoint with that address has another MAC, and a stale entry would
+    /// send its first packets to the old one until the kernel re-probes
+    /// (seconds). Off the claim path (the pool's recycler calls it).
+    pub fn forget_neighbour(&self, address: Ipv4Addr) -> Result<(), NetlinkError> {
+        let Some(bridge) = self.bridge_index else {
+            return Ok(());
+        };
+        let mut guard = self
+            .home_socket
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let socket = match guard.as_mut() {
+            Some(s) => s,
+            None => guard.insert(NetlinkSocket::open_in(&self.home)?),
+        };
+        let request = Request::change(
+            format!("forget the ARP entry of {address}"),
+            messages::delete_neighbour(bridge, address),
+        );
+        let outcome = socket.execute(&[request]);
+        if outcome.is_err() {
+            *guard = None; // the socket failed, not the request
+        }
+        match outcome?.pop() {
+            Some(Err(e)) if e.errno() != Some(nix::libc::ENOENT) => Err(NetlinkError::Request(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Worker threads building endpoints in parallel.

@@ -207,6 +207,17 @@ pub fn dump_neighbours(family: AddressFamily) -> RouteNetlinkMessage {
     RouteNetlinkMessage::GetNeighbour(msg)
 }
 
+/// Dumps the IPv4 neighbour (ARP) table, entries in every state.
+pub fn dump_ipv4_neighbours() -> RouteNetlinkMessage {
+    dump_neighbours(AddressFamily::Inet)
+}
+
+/// Dumps every bridge forwarding database (`bridge fdb show`: bridges'
+/// entries and each link's own unicast and multicast address lists).
+pub fn dump_fdb() -> RouteNetlinkMessage {
+    dump_neighbours(AddressFamily::Bridge)
+}
+
 /// Sets the link with this index up.
 pub fn set_up(index: u32) -> RouteNetlinkMessage {
     let mut msg = LinkMessage::default();
@@ -262,7 +273,8 @@ pub fn dump_ipv4_addresses() -> RouteNetlinkMessage {
     RouteNetlinkMessage::GetAddress(msg)
 }
 
-/// Dumps the main IPv4 routing table.
+/// Dumps the IPv4 routes of every table (local and main included: the
+/// kernel does not filter by table here; callers check `header.table`).
 pub fn dump_ipv4_routes() -> RouteNetlinkMessage {
     let mut msg = RouteMessage::default();
     msg.header.address_family = AddressFamily::Inet;

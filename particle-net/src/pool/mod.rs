@@ -368,10 +368,19 @@ impl Shared {
     fn destroy(&self, endpoint: Endpoint) {
         let address = endpoint.address().ip();
         drop(endpoint);
+        self.forget_neighbour(address);
         if let Err(e) = lock(&self.block).release(address) {
             tracing::warn!("releasing a destroyed endpoint's address: {e}");
         }
         self.counters.destroyed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The address goes back to the block or the pool: nothing may keep
+    /// pointing at the MAC it had.
+    fn forget_neighbour(&self, address: std::net::Ipv4Addr) {
+        if let Err(e) = self.factory.forget_neighbour(address) {
+            tracing::debug!("forgetting the ARP entry of {address}: {e}");
+        }
     }
 
     fn record_error(&self, error: String) {
@@ -463,7 +472,12 @@ fn refiller(shared: &Shared) {
 fn recycler(shared: &Shared, returns: Receiver<Returned>) {
     for Returned { endpoint, reuse } in returns {
         let room = if reuse { shared.ready.reserve(1) } else { 0 };
-        if room == 1 && endpoint.is_clean().unwrap_or(false) {
+        let reusable = room == 1
+            && endpoint.is_clean().unwrap_or(false)
+            && endpoint.forget_neighbours().is_ok();
+        if reusable {
+            // Its next user starts as the first did: unknown to the bridge.
+            shared.forget_neighbour(endpoint.address().ip());
             shared.ready.fill(vec![endpoint], 1);
             // Counted after the fill, so that whoever sees the count sees the endpoint.
             shared.counters.recycled.fetch_add(1, Ordering::Relaxed);
