@@ -7,10 +7,9 @@ mod common;
 
 use common::{eventually, http, links_of, particle, pid_of};
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 17_731;

@@ -125,7 +125,9 @@ fn an_agent_killed_mid_job_loses_its_functions_and_its_restart_leaks_nothing() {
     let mut job = Value::Null;
     eventually("n1's functions are reported lost", || {
         job = cluster.api_json("GET", &format!("/v1/jobs/{id}"), "", 200);
-        functions_on(&job, "n1").iter().all(|f| f["state"] == "lost")
+        functions_on(&job, "n1")
+            .iter()
+            .all(|f| f["state"] == "lost")
     });
     for f in functions_on(&job, "n1") {
         let error = f["error"].as_str().unwrap_or_default();
@@ -138,7 +140,9 @@ fn an_agent_killed_mid_job_loses_its_functions_and_its_restart_leaks_nothing() {
     }
     let job = cluster.api_json("DELETE", &format!("/v1/jobs/{id}"), "", 200);
     assert_eq!(job["state"], "cancelled", "{job}");
-    eventually("the cancelled functions are gone", || processes_with("60.0761") == 0);
+    eventually("the cancelled functions are gone", || {
+        processes_with("60.0761") == 0
+    });
 
     // The restarted agent rebuilt its pools from the controller's state and
     // holds exactly what the first one held: nothing adopted, nothing leaked.

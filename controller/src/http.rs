@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -92,7 +92,14 @@ impl From<QueryRejection> for HttpError {
     }
 }
 
-fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {
+/// A request body, or why it could not be read (over the 2 MiB limit: 413),
+/// taken as a `Result` so that too is answered with an [`ApiError`].
+type RequestBody = Result<Bytes, BytesRejection>;
+
+fn parse_json<T: DeserializeOwned>(body: &RequestBody) -> Result<T, HttpError> {
+    let body = body
+        .as_ref()
+        .map_err(|e| HttpError::new(e.status(), e.body_text()))?;
     serde_json::from_slice(body)
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
@@ -180,7 +187,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn create_tenant(
     State(c): State<Controller>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<(StatusCode, Json<Tenant>), HttpError> {
     let req: CreateTenant = parse_json(&body)?;
     let tenant = c.update(|s| s.create_tenant(&req))?;
@@ -216,7 +223,7 @@ async fn list_nodes(State(c): State<Controller>) -> Json<Vec<Node>> {
 
 async fn register(
     State(c): State<Controller>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<Json<NodeOverlay>, HttpError> {
     let req: RegisterNode = parse_json(&body)?;
     let overlay = c.update(|s| {
@@ -234,11 +241,11 @@ async fn register(
 async fn heartbeat(
     State(c): State<Controller>,
     node: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<StatusCode, HttpError> {
     let Path(node) = node?;
     // An empty body is a heartbeat with no pools.
-    let hb: Heartbeat = if body.is_empty() {
+    let hb: Heartbeat = if body.as_ref().is_ok_and(Bytes::is_empty) {
         Heartbeat::default()
     } else {
         parse_json(&body)?
@@ -301,7 +308,7 @@ async fn metrics(State(c): State<Controller>) -> Response {
 async fn set_warm(
     State(c): State<Controller>,
     name: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<Json<Tenant>, HttpError> {
     let Path(name) = name?;
     let req: WarmTarget = parse_json(&body)?;
@@ -310,7 +317,7 @@ async fn set_warm(
 
 async fn launch_job(
     State(c): State<Controller>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<(StatusCode, Json<Job>), HttpError> {
     let req: LaunchJob = parse_json(&body)?;
     let job = crate::jobs::launch(&c, req).await?;
@@ -345,7 +352,8 @@ async fn get_job(
     let unknown = || HttpError::new(StatusCode::NOT_FOUND, format!("unknown job {id:?}"));
     let mut job = match query.wait_s {
         Some(s) if s.is_finite() && s > 0.0 => {
-            let wait = std::time::Duration::from_secs_f64(s).min(MAX_JOB_WAIT);
+            // Capped before converting: from_secs_f64 panics on values too big for a Duration.
+            let wait = std::time::Duration::from_secs_f64(s.min(MAX_JOB_WAIT.as_secs_f64()));
             c.jobs().wait(&id, wait).await
         }
         Some(s) if !(s.is_finite() && s >= 0.0) => {
@@ -411,10 +419,12 @@ async fn function_output(
 async fn exits(
     State(c): State<Controller>,
     node: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    body: RequestBody,
 ) -> Result<StatusCode, HttpError> {
     let Path(node) = node?;
     let report: FunctionExits = parse_json(&body)?;
+    // A report is as good a sign of life as a heartbeat.
+    c.lock().touch(&node, Instant::now());
     c.jobs().record_exits(&node, report.exits);
     Ok(StatusCode::NO_CONTENT)
 }

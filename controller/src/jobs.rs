@@ -406,6 +406,10 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
         state.launchers()
     };
     if let Some(wanted) = &req.placement.nodes {
+        // The client's mistake, not a lack of nodes: 400, not the 503 below.
+        if wanted.is_empty() {
+            return Err(bad("placement.nodes is empty: name at least one node"));
+        }
         if let Some(unknown) = wanted.iter().find(|n| !agents.iter().any(|(a, _)| a == *n)) {
             return Err(bad(format!(
                 "placement names node {unknown:?}, which is not a live node that can launch"
@@ -420,7 +424,8 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
         ));
     }
     if let Some(max) = req.placement.max_per_node {
-        if max == 0 || req.functions > max * agents.len() {
+        // Saturating: a max_per_node near usize::MAX means "no limit", not an overflow.
+        if max == 0 || req.functions > max.saturating_mul(agents.len()) {
             return Err(bad(format!(
                 "{} functions do not fit {} nodes at {max} per node",
                 req.functions,
@@ -438,6 +443,8 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
     }
     let client = |addr: SocketAddr| ApiClient::direct(addr, c.token().to_string());
 
+    // Agents busy with this launch are alive even if their heartbeats lag.
+    let _in_flight = c.in_flight(agents.iter().map(|(n, _)| n.clone()));
     // 1. Reserve endpoints everywhere at once.
     let reserves = agents.iter().zip(&ranks).map(|((node, addr), ranks)| {
         let body = ReserveFunctions {

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod state;
 pub mod store;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +32,11 @@ pub use crate::http::router;
 /// `heartbeat_timeout + EXPIRY_INTERVAL` (timeout + 0.5 s) after its last
 /// heartbeat.
 pub const EXPIRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long a node with a call of ours in flight counts as alive without
+/// heartbeats: an agent building hundreds of cold endpoints on a loaded
+/// machine may miss a few, but one that never answers is dropped after this.
+pub const MAX_CALL_GRACE: Duration = Duration::from_secs(120);
 
 /// The longest an overlay long poll waits by default.
 pub const DEFAULT_LONG_POLL_MAX: Duration = Duration::from_secs(25);
@@ -85,6 +91,32 @@ struct Inner {
     long_poll_max: Duration,
     metrics: Metrics,
     jobs: jobs::Jobs,
+    /// Node → when each call of ours to its agent that is still in flight began.
+    calls: Mutex<BTreeMap<String, Vec<Instant>>>,
+}
+
+/// A call to some agents in flight; while it lasts (up to [`MAX_CALL_GRACE`])
+/// their nodes are not expired for missing heartbeats.
+pub struct InFlight {
+    controller: Controller,
+    nodes: Vec<String>,
+    began: Instant,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut calls = self.controller.calls();
+        for node in &self.nodes {
+            if let Some(v) = calls.get_mut(node) {
+                if let Some(i) = v.iter().position(|b| *b == self.began) {
+                    v.swap_remove(i);
+                }
+                if v.is_empty() {
+                    calls.remove(node);
+                }
+            }
+        }
+    }
 }
 
 impl Controller {
@@ -120,6 +152,7 @@ impl Controller {
                 long_poll_max: config.long_poll_max,
                 metrics: Metrics::new(),
                 jobs: jobs::Jobs::new(config.state_file.as_deref().map(jobs::jobs_store))?,
+                calls: Mutex::new(BTreeMap::new()),
             }),
         })
     }
@@ -157,10 +190,48 @@ impl Controller {
         Ok(out)
     }
 
+    fn calls(&self) -> MutexGuard<'_, BTreeMap<String, Vec<Instant>>> {
+        self.inner
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a call to `nodes`' agents until the returned guard drops.
+    pub fn in_flight(&self, nodes: impl IntoIterator<Item = String>) -> InFlight {
+        let began = Instant::now();
+        let nodes: Vec<String> = nodes.into_iter().collect();
+        let mut calls = self.calls();
+        for node in &nodes {
+            calls.entry(node.clone()).or_default().push(began);
+        }
+        InFlight {
+            controller: self.clone(),
+            nodes,
+            began,
+        }
+    }
+
     /// Removes nodes silent for longer than the heartbeat timeout.
     pub fn expire_nodes(&self) -> Result<Vec<String>, UpdateError> {
         let now = Instant::now();
         let timeout = self.inner.heartbeat_timeout;
+        let busy: Vec<String> = self
+            .calls()
+            .iter()
+            .filter(|(_, began)| {
+                began
+                    .iter()
+                    .any(|b| now.saturating_duration_since(*b) < MAX_CALL_GRACE)
+            })
+            .map(|(node, _)| node.clone())
+            .collect();
+        if !busy.is_empty() {
+            let mut state = self.lock();
+            for node in &busy {
+                state.touch(node, now);
+            }
+        }
         // Cheap check first: cloning the model on every tick is wasteful.
         if self.lock().expired(now, timeout).is_empty() {
             return Ok(Vec::new());

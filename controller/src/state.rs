@@ -357,6 +357,13 @@ impl ControllerState {
         Ok(())
     }
 
+    /// Marks a node as seen now without a heartbeat (it just answered us).
+    pub fn touch(&mut self, name: &str, now: Instant) {
+        if let Some(entry) = self.nodes.get_mut(name) {
+            entry.last_seen = now;
+        }
+    }
+
     /// Removes nodes not seen within `timeout` and frees their blocks.
     /// Returns the removed names.
     pub fn expire_nodes(&mut self, now: Instant, timeout: Duration) -> Vec<String> {

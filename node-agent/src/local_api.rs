@@ -967,10 +967,9 @@ mod fuzz {
         let dir =
             std::env::temp_dir().join(format!("particle-local-api-fuzz-{}", std::process::id()));
         let path = dir.join("agent.sock");
-        let server = rt.block_on(async {
-            let listener = bind(&path).unwrap();
-            tokio::spawn(serve(listener, Arc::new(Claims::default())))
-        });
+        // Bound inside the runtime (a tokio listener needs its reactor).
+        let listener = rt.block_on(async { bind(&path).unwrap() });
+        let server = rt.spawn(serve(listener, Arc::new(Claims::default())));
         let lines = prop::collection::vec(sent(), 0..24);
         let result = TestRunner::new(config(300)).run(&lines, |lines| {
             let lines: Vec<Vec<u8>> = lines.iter().map(Sent::bytes).collect();

@@ -151,3 +151,213 @@ mod tests {
         }
     }
 }
+
+/// Bounded fuzzing (property tests, run by `cargo test`) of the network
+/// configuration the runtime hands the plugin on stdin.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use serde_json::{json, Map, Value};
+
+    fn config(cases: u32) -> Config {
+        Config {
+            cases,
+            // A bug found here becomes a plain test; no files in the tree.
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    fn text() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => "[a-z0-9/._-]{0,12}",
+            1 => prop::collection::vec(any::<char>(), 0..10).prop_map(String::from_iter),
+        ]
+        .boxed()
+    }
+
+    fn json_value() -> BoxedStrategy<Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(text(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    /// A network configuration: the spec's keys right, ours and others
+    /// each maybe missing, of the right type or of any.
+    fn netconf() -> BoxedStrategy<Value> {
+        let ours = |good: BoxedStrategy<Value>| {
+            prop_oneof![
+                1 => Just(None),
+                5 => good.prop_map(Some),
+                1 => json_value().prop_map(Some),
+            ]
+            .boxed()
+        };
+        let tenant =
+            ours(prop_oneof![2 => Just(json!("a")), 1 => text().prop_map(Value::from)].boxed());
+        let socket = ours(
+            prop_oneof![
+                2 => Just(json!("/run/particle/agent.sock")),
+                1 => text().prop_map(Value::from),
+                2 => text().prop_map(|t| Value::from(format!("/{t}"))),
+            ]
+            .boxed(),
+        );
+        let timeout = ours(
+            prop_oneof![
+                4 => (0u64..100).prop_map(Value::from),
+                1 => Just(json!(u64::MAX)),
+                1 => Just(json!(-1)),
+                1 => Just(json!(2.5)),
+                1 => Just(json!("10")),
+            ]
+            .boxed(),
+        );
+        let mode = ours(
+            prop::sample::select(vec!["plug", "move", "Plug", "teleport", ""])
+                .prop_map(Value::from)
+                .boxed(),
+        );
+        // Each of the unsupported ones now and then, so the rest is reached.
+        let spec = (
+            prop::option::weighted(0.2, Just(json!({"type": "host-local"}))),
+            prop::option::of(prop::bool::weighted(0.2)),
+        );
+        let extra = prop::option::weighted(
+            0.2,
+            (
+                prop::sample::select(vec!["bridge", "mtu", "tenant ", "AgentSocket", "x"]),
+                json_value(),
+            ),
+        );
+        (tenant, socket, timeout, mode, spec, extra)
+            .prop_map(|(tenant, socket, timeout, mode, (ipam, masq), extra)| {
+                let mut m = Map::new();
+                m.insert("cniVersion".into(), json!("1.0.0"));
+                m.insert("name".into(), json!("particle"));
+                m.insert("type".into(), json!("particle-cni"));
+                for (k, v) in [
+                    (TENANT, tenant),
+                    (AGENT_SOCKET, socket),
+                    (TIMEOUT, timeout),
+                    (ATTACH_MODE, mode),
+                    ("ipam", ipam),
+                    ("ipMasq", masq.map(Value::from)),
+                ] {
+                    if let Some(v) = v {
+                        m.insert(k.into(), v);
+                    }
+                }
+                if let Some((k, v)) = extra {
+                    m.insert(k.into(), v);
+                }
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    /// What the plugin should make of `conf`, worked out independently: the
+    /// spec's code 2 for what it does not support, 7 for a missing or
+    /// malformed key of ours (2 first), or the settings.
+    fn expected(conf: &Value) -> Result<(String, String, u64, String), u32> {
+        let m = conf.as_object().unwrap();
+        let ours = [TENANT, AGENT_SOCKET, TIMEOUT, ATTACH_MODE];
+        let spec = ["cniVersion", "name", "type", "ipam", "ipMasq"];
+        if m.keys()
+            .any(|k| !ours.contains(&k.as_str()) && !spec.contains(&k.as_str()))
+            || m.contains_key("ipam")
+            || m.get("ipMasq") == Some(&json!(true))
+        {
+            return Err(2);
+        }
+        let string = |k: &str| match m.get(k) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(7u32),
+        };
+        let tenant = string(TENANT)?;
+        let socket =
+            string(AGENT_SOCKET).and_then(|s| if s.starts_with('/') { Ok(s) } else { Err(7) })?;
+        let timeout = match m.get(TIMEOUT) {
+            None => 10,
+            Some(v) => v.as_u64().filter(|t| *t > 0).ok_or(7u32)?,
+        };
+        let mode = match m.get(ATTACH_MODE) {
+            None => "plug".to_string(),
+            Some(Value::String(s)) if s == "plug" || s == "move" => s.clone(),
+            Some(_) => return Err(7),
+        };
+        Ok((tenant, socket, timeout, mode))
+    }
+
+    /// Near-valid configurations get exactly the outcome the rules call
+    /// for, and an accepted timeout can be set on a socket.
+    #[test]
+    fn configs_get_the_outcome_the_rules_call_for() {
+        TestRunner::new(config(3000))
+            .run(&netconf(), |conf| {
+                // Decoding is the plugin library's (code 6): only ours is judged here.
+                let Ok(netconf) = serde_json::from_value::<NetConf>(conf.clone()) else {
+                    return Ok(());
+                };
+                match (PluginConfig::from_netconf(&netconf), expected(&conf)) {
+                    (Ok(c), Ok((tenant, socket, timeout, mode))) => {
+                        prop_assert_eq!(&c.tenant, &tenant);
+                        prop_assert_eq!(c.agent_socket, PathBuf::from(socket));
+                        prop_assert_eq!(c.timeout.as_secs(), timeout);
+                        prop_assert_eq!(&c.attach_mode, &mode);
+                        prop_assert_eq!(c.network.as_str(), "particle");
+                        let (s, _) = std::os::unix::net::UnixStream::pair().unwrap();
+                        prop_assert!(s.set_read_timeout(Some(c.timeout)).is_ok());
+                    }
+                    (Err(e), Err(code)) => {
+                        prop_assert_eq!(u32::from(&e), code, "{}: {}", conf, e.details());
+                        prop_assert!(!e.details().is_empty());
+                    }
+                    (got, want) => prop_assert!(false, "{conf}: got {got:?}, want {want:?}"),
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Anything the runtime may send: never a panic; a refusal carries the
+    /// spec's code 2 or 7 and says why.
+    #[test]
+    fn any_json_is_accepted_or_refused_with_a_spec_code() {
+        let docs = prop_oneof![
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+            (json_value(), netconf()).prop_map(|(v, mut conf)| {
+                // Any value under one of the spec's own keys too.
+                conf["dns"] = v;
+                conf.to_string().into_bytes()
+            }),
+            prop::collection::vec(any::<u8>(), 0..128),
+        ];
+        TestRunner::new(config(3000))
+            .run(&docs, |bytes| {
+                if let Ok(netconf) = serde_json::from_slice::<NetConf>(&bytes) {
+                    if let Err(e) = PluginConfig::from_netconf(&netconf) {
+                        prop_assert!(matches!(u32::from(&e), 2 | 7), "{e:?}");
+                        prop_assert!(!e.details().is_empty());
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}

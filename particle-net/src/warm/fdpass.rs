@@ -108,7 +108,11 @@ impl FdLines {
                 }
                 (msg.bytes, fds)
             };
-            self.fds.extend(fds.into_iter().map(|fd| (offset, fd)));
+            // A read ends with the bytes that carried its fds (the kernel stops
+            // right after them), but may begin with an earlier line's: tag the
+            // fds at the last byte read, which is in their own line.
+            let at = offset + n.saturating_sub(1);
+            self.fds.extend(fds.into_iter().map(|fd| (at, fd)));
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)

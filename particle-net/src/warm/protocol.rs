@@ -159,3 +159,351 @@ mod tests {
         assert_eq!(parse_frame_header(h), (FRAME_BIND, 70000));
     }
 }
+
+/// Bounded fuzzing (property tests, run by `cargo test`) of what a function
+/// or another agent can send: request lines, frame headers, bind payloads,
+/// and the line framing they arrive in.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::warm::fdpass::FdLines;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use serde_json::Value;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    fn config(cases: u32) -> Config {
+        Config {
+            cases,
+            // A bug found here becomes a plain test; no files in the tree.
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    /// Any characters, control characters, quotes and newlines included.
+    fn text() -> BoxedStrategy<String> {
+        prop_oneof![
+            3 => "[a-z0-9.:/_-]{0,12}",
+            1 => prop::collection::vec(any::<char>(), 0..10).prop_map(String::from_iter),
+        ]
+        .boxed()
+    }
+
+    fn request() -> BoxedStrategy<WarmRequest> {
+        prop_oneof![
+            Just(WarmRequest::Destinations {}),
+            text().prop_map(|dest| WarmRequest::Get { dest }),
+            Just(WarmRequest::Put {}),
+            (text(), text()).prop_map(|(peer, key)| WarmRequest::Channel { peer, key }),
+            Just(WarmRequest::Stats {}),
+        ]
+        .boxed()
+    }
+
+    fn json_value() -> BoxedStrategy<Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            text().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(text(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .boxed()
+    }
+
+    /// An object with `keys` (and `op`, `tenant`, an unknown one), each maybe
+    /// missing or of any type.
+    fn near(ops: Vec<&'static str>, keys: Vec<&'static str>) -> BoxedStrategy<Value> {
+        let value = prop_oneof![2 => text().prop_map(Value::from), 1 => json_value()];
+        let mut keys = keys;
+        keys.extend(["op", "tenant", "extra"]);
+        (
+            prop::sample::select(ops),
+            prop::collection::btree_map(prop::sample::select(keys), value, 0..5),
+            any::<bool>(),
+        )
+            .prop_map(|(op, fields, with_op)| {
+                let mut m: serde_json::Map<String, Value> = fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                if with_op {
+                    m.entry("op").or_insert_with(|| Value::from(op));
+                }
+                Value::Object(m)
+            })
+            .boxed()
+    }
+
+    /// `T` accepts an object only if it represents it exactly: every field
+    /// given is known and comes back unchanged when serialised. (serde also
+    /// takes a struct as an array of its fields in order; that form must
+    /// mean the same once written back as an object.)
+    fn accepts_only_what_it_keeps<T>(v: &Value) -> Result<(), TestCaseError>
+    where
+        T: serde::de::DeserializeOwned + Serialize + std::fmt::Debug,
+    {
+        let Ok(parsed) = serde_json::from_str::<T>(&v.to_string()) else {
+            return Ok(());
+        };
+        let back = serde_json::to_value(&parsed).unwrap();
+        let Value::Object(back) = &back else {
+            return Err(TestCaseError::fail(format!("{parsed:?} is not an object")));
+        };
+        let Value::Object(given) = v else {
+            let again = serde_json::to_value(
+                serde_json::from_value::<T>(Value::Object(back.clone())).unwrap(),
+            );
+            prop_assert_eq!(
+                again.as_ref().ok(),
+                Some(&Value::Object(back.clone())),
+                "{}",
+                v
+            );
+            return Ok(());
+        };
+        for (k, given) in given {
+            prop_assert_eq!(Some(given), back.get(k), "{} in {}", k, v);
+        }
+        Ok(())
+    }
+
+    /// A request line from a function: never a panic; accepted only if
+    /// every field is one the request has, kept unchanged.
+    #[test]
+    fn request_lines_parse_exactly_or_are_refused() {
+        let lines = prop_oneof![
+            near(
+                vec!["destinations", "get", "put", "channel", "stats", "bind", ""],
+                vec!["dest", "peer", "key"]
+            ),
+            json_value(),
+        ];
+        TestRunner::new(config(3000))
+            .run(&lines, |v| accepts_only_what_it_keeps::<WarmRequest>(&v))
+            .unwrap();
+        let text = prop_oneof![
+            ".{0,64}",
+            prop::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ];
+        TestRunner::new(config(2000))
+            .run(&text, |line| {
+                let _ = serde_json::from_str::<WarmRequest>(&line);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Requests, replies and bind payloads serialise to one line (or one
+    /// frame) that parses back to the same value.
+    #[test]
+    fn messages_round_trip() {
+        TestRunner::new(config(2000))
+            .run(&request(), |req| {
+                let line = serde_json::to_string(&req).unwrap();
+                prop_assert!(!line.contains('\n'), "{line:?}");
+                prop_assert_eq!(serde_json::from_str::<WarmRequest>(&line).unwrap(), req);
+                Ok(())
+            })
+            .unwrap();
+        let stats = prop::collection::vec(any::<u64>(), 13).prop_map(|n| WarmStats {
+            idle: n[0],
+            lent: n[1],
+            connects: n[2],
+            connect_errors: n[3],
+            handed_out: n[4],
+            reused: n[5],
+            refused: n[6],
+            returned_clean: n[7],
+            returned_dirty: n[8],
+            dead: n[9],
+            expired: n[10],
+            probes: n[11],
+            channels: n[12],
+        });
+        let response = (
+            any::<bool>(),
+            prop::option::of(text()),
+            prop::option::of(prop::collection::vec(text(), 0..3)),
+            prop::option::of(any::<u16>()),
+            prop::option::of(any::<u64>()),
+            prop::option::of(any::<bool>()),
+            prop::option::of(text()),
+            prop::option::of(stats),
+        )
+            .prop_map(
+                |(ok, error, destinations, local_port, uses, pooled, reason, stats)| WarmResponse {
+                    ok,
+                    error,
+                    destinations,
+                    local_port,
+                    uses,
+                    pooled,
+                    reason,
+                    stats,
+                },
+            );
+        TestRunner::new(config(1000))
+            .run(&response, |r| {
+                let line = serde_json::to_string(&r).unwrap();
+                prop_assert!(!line.contains('\n'), "{line:?}");
+                prop_assert_eq!(serde_json::from_str::<WarmResponse>(&line).unwrap(), r);
+                Ok(())
+            })
+            .unwrap();
+        let bind = (text(), text()).prop_map(|(tenant, key)| ChannelBind { tenant, key });
+        TestRunner::new(config(1000))
+            .run(&bind, |b| {
+                let payload = serde_json::to_vec(&b).unwrap();
+                prop_assert!(payload.len() <= FRAME_MAX);
+                let mut frame = frame_header(FRAME_BIND, payload.len()).to_vec();
+                frame.extend_from_slice(&payload);
+                let (kind, len) = parse_frame_header(frame[..FRAME_HEADER].try_into().unwrap());
+                prop_assert_eq!((kind, len), (FRAME_BIND, payload.len()));
+                let got: ChannelBind =
+                    serde_json::from_slice(&frame[FRAME_HEADER..FRAME_HEADER + len]).unwrap();
+                prop_assert_eq!(got, b);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// A bind payload comes from another agent over TCP: any bytes, never a
+    /// panic; accepted only with exactly its two fields.
+    #[test]
+    fn bind_payloads_parse_exactly_or_are_refused() {
+        let payloads = prop_oneof![near(vec![""], vec!["key"]), json_value()];
+        TestRunner::new(config(2000))
+            .run(&payloads, |v| accepts_only_what_it_keeps::<ChannelBind>(&v))
+            .unwrap();
+        TestRunner::new(config(2000))
+            .run(&prop::collection::vec(any::<u8>(), 0..128), |bytes| {
+                let _ = serde_json::from_slice::<ChannelBind>(&bytes);
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Frame headers: a bijection between (kind, length ≤ u32::MAX) and the
+    /// five bytes, and a length that does not fit is never read as one a
+    /// receiver accepts.
+    #[test]
+    fn frame_headers_round_trip() {
+        TestRunner::new(config(5000))
+            .run(&(any::<u8>(), any::<u32>()), |(kind, len)| {
+                let len = len as usize;
+                prop_assert_eq!(parse_frame_header(frame_header(kind, len)), (kind, len));
+                Ok(())
+            })
+            .unwrap();
+        TestRunner::new(config(5000))
+            .run(&any::<[u8; FRAME_HEADER]>(), |h| {
+                let (kind, len) = parse_frame_header(h);
+                prop_assert_eq!(frame_header(kind, len), h);
+                Ok(())
+            })
+            .unwrap();
+        TestRunner::new(config(1000))
+            .run(
+                &(any::<u8>(), u32::MAX as usize..=usize::MAX),
+                |(kind, len)| {
+                    let (k, parsed) = parse_frame_header(frame_header(kind, len));
+                    prop_assert_eq!(k, kind);
+                    prop_assert!(parsed > FRAME_MAX, "{len} read back as {parsed}");
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+
+    /// The line framing every message arrives in, over a real socket pair:
+    /// any bytes; each line comes out whole, in order, with the fd sent on
+    /// it and no other; a line longer than the limit is an error, not a
+    /// buffer that grows without bound.
+    #[test]
+    fn lines_arrive_whole_with_their_fds() {
+        let line = (
+            prop_oneof![
+                4 => prop::collection::vec(any::<u8>(), 0..64),
+                1 => (MAX_LINE - 8..MAX_LINE + 2048).prop_map(|n| vec![b'x'; n]),
+            ]
+            .prop_map(|b| b.into_iter().filter(|&c| c != b'\n').collect::<Vec<u8>>()),
+            prop::bool::weighted(0.3),
+        );
+        let lines = prop::collection::vec(line, 0..12);
+        let attached = std::fs::File::open("/dev/null").unwrap();
+        TestRunner::new(config(500))
+            .run(&lines, |lines| {
+                let (a, b) = UnixStream::pair().unwrap();
+                let sent = lines.clone();
+                let fd = attached.try_clone().unwrap();
+                let writer = std::thread::spawn(move || {
+                    let mut a = FdLines::new(a);
+                    for (bytes, with_fd) in &sent {
+                        // The reader may stop early (a line too long).
+                        if a.send(bytes, with_fd.then(|| fd.as_fd())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut b = FdLines::new(b);
+                let mut got = Vec::new();
+                let end = loop {
+                    match b.recv() {
+                        Ok(Some(line)) => got.push((line.bytes, line.fd.is_some())),
+                        other => break other.map(|_| ()),
+                    }
+                };
+                drop(b);
+                writer.join().unwrap();
+                prop_assert!(got.len() <= lines.len());
+                for (i, (bytes, fd)) in got.iter().enumerate() {
+                    prop_assert!(*bytes == lines[i].0, "line {i} changed");
+                    prop_assert_eq!(*fd, lines[i].1, "line {} fd", i);
+                    // The buffer is bounded: one read past the limit at most.
+                    prop_assert!(bytes.len() <= MAX_LINE + 1024, "{}-byte line", bytes.len());
+                }
+                match end {
+                    Ok(()) => prop_assert_eq!(got.len(), lines.len()),
+                    Err(e) => {
+                        // Only a line past the limit is refused.
+                        prop_assert!(lines[got.len()].0.len() > MAX_LINE, "{e}");
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Found by `lines_arrive_whole_with_their_fds`: a line without an fd
+    /// followed by one with an fd, read in one go, got the fd on the first.
+    #[test]
+    fn an_fd_is_not_given_to_the_line_before_its_own() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (FdLines::new(a), FdLines::new(b));
+        let attached = std::fs::File::open("/dev/null").unwrap();
+        a.send(b"plain", None).unwrap();
+        a.send(b"with fd", Some(attached.as_fd())).unwrap();
+        let first = b.recv().unwrap().unwrap();
+        assert_eq!(
+            (first.bytes.as_slice(), first.fd.is_some()),
+            (&b"plain"[..], false)
+        );
+        let second = b.recv().unwrap().unwrap();
+        assert_eq!(
+            (second.bytes.as_slice(), second.fd.is_some()),
+            (&b"with fd"[..], true)
+        );
+    }
+}
