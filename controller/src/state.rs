@@ -226,7 +226,12 @@ impl ControllerState {
             .nodes
             .get_mut(name)
             .ok_or_else(|| StateError::UnknownNode(name.to_string()))?;
-        entry.api_port = port;
+        if entry.api_port != port {
+            entry.api_port = port;
+            // A new version is what gets the store written (a restarted
+            // controller must call the agent where it listens now).
+            self.bump();
+        }
         Ok(())
     }
 
