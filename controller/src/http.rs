@@ -227,9 +227,10 @@ async fn register(
 ) -> Result<Json<NodeOverlay>, HttpError> {
     let req: RegisterNode = parse_json(&body)?;
     let overlay = c.update(|s| {
-        let overlay = s.register_node(&req.node, req.underlay_ip, Instant::now())?;
+        s.register_node(&req.node, req.underlay_ip, Instant::now())?;
         s.set_api_port(&req.node, req.api_port)?;
-        Ok(overlay)
+        // After both: a changed port is a new version too.
+        s.overlay_for(&req.node)
     })?;
     if let Some(instance) = &req.instance {
         c.jobs().agent_registered(&req.node, instance);
