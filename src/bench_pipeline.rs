@@ -8,9 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use particle_bench::pipeline::{evaluate, FunctionRun, PipelineResult, PipelineSpec};
 use particle_bench::pipeline_baseline::Baseline;
-use particle_net::scratch::ScratchNode;
-use particle_net::{AddressBlock, Run};
-use particle_workloads::local::{local_envs, run_with};
+use particle_workloads::local::local_envs;
 use particle_workloads::ring::now_ns;
 use serde::Serialize;
 
@@ -163,24 +161,18 @@ fn run_cni_bridge(
     })
 }
 
-/// The floor: every function a plain process in one scratch namespace (its
-/// own loopback, so any ports), no network of its own.
+/// The floor: the same functions started by Particle's launcher, one per
+/// node in parallel, with no network of their own (`particle_bench::no_network`).
 fn run_no_network(
     spec: &PipelineSpec,
     nodes: usize,
     program: &std::path::Path,
 ) -> Result<SystemResult> {
-    let run = Run::start()?;
-    let node = ScratchNode::new(run.prefix(), AddressBlock::parse("10.251.0.0/24")?)
-        .context("creating the scratch namespace")?;
     let envs = local_envs("no-network", spec.functions, 20_000, nodes);
     let argv = spec.argv(program);
     let submitted = now_ns();
-    let outputs = run_with(&envs, spec.timeout, |_| {
-        let mut cmd = node.netns.command(&argv[0]);
-        cmd.args(&argv[1..]);
-        cmd
-    })?;
+    let outputs =
+        particle_bench::no_network::run(&envs, &argv, nodes, "10.251.0.0/24", spec.timeout)?;
     let runs: Vec<FunctionRun> = outputs
         .into_iter()
         .map(|o| FunctionRun {

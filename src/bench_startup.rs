@@ -17,7 +17,7 @@ use particle_controller::api::{CreateTenant, Tenant, WarmTarget};
 use particle_controller::client::{ApiClient, Method};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
-use particle_workloads::local::{local_envs, run_with};
+use particle_workloads::local::local_envs;
 use particle_workloads::ring::now_ns;
 
 use crate::demo::{launch_job, local_cluster, warm_up};
@@ -217,19 +217,12 @@ pub async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<
     Ok(())
 }
 
-/// The floor: the same functions as plain processes in one namespace, on its
-/// loopback; no per-function network at all.
+/// The floor: the same functions started by Particle's launcher, one per
+/// node in parallel, with no network of their own (`particle_bench::no_network`).
 fn no_network(argv: &[String], nodes: usize, m: usize, timeout: Duration) -> Result<Burst> {
-    let run = Run::start()?;
-    let node = ScratchNode::new(run.prefix(), AddressBlock::parse("10.240.0.0/24")?)
-        .context("creating the scratch namespace")?;
     let envs = local_envs("no-network", m, 20_000, nodes);
     let submitted = now_ns();
-    let outputs = run_with(&envs, timeout, |_| {
-        let mut cmd = node.netns.command(&argv[0]);
-        cmd.args(&argv[1..]);
-        cmd
-    })?;
+    let outputs = particle_bench::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout)?;
     measured(submitted, outputs.iter().map(|o| &o.stdout))
 }
 

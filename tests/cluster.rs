@@ -120,13 +120,14 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
         "/v1/tenants",
         &token,
         r#"{"name":"t","vni":77,"subnet":"10.77.0.0/16"}"#,
-    );
+    )
+    .unwrap();
     assert!(created.starts_with("HTTP/1.1 201"), "{created}");
     assert!(
         created.contains(r#""n0":"10.77.0.0/24""#) && created.contains(r#""n1":"10.77.1.0/24""#),
         "{created}"
     );
-    let refused = http(PORT, "GET", "/v1/tenants", "wrong", "");
+    let refused = http(PORT, "GET", "/v1/tenants", "wrong", "").unwrap();
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
 
     let e0 = claim(&sockets[0], "t");
@@ -165,7 +166,7 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
     .unwrap();
     eventually("controller restarted with its tenants", || {
         pid_of(&logs, "controller").is_some_and(|p| p != controller)
-            && std::panic::catch_unwind(|| http(PORT, "GET", "/v1/tenants/t", &token, ""))
+            && http(PORT, "GET", "/v1/tenants/t", &token, "")
                 .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
     });
 

@@ -29,7 +29,11 @@
 //! `01:00:5e:00:00:01` once it is up; more with IPv6 on); a bridge lists its
 //! own MAC and each port's, and learns entries from traffic that age out
 //! after 300 s.
-//! Neighbour entries include every state (`ip neigh` hides NOARP ones).
+//! Neighbour entries count every state but NOARP: those are multicast and
+//! broadcast mappings the kernel computes when a link sends to such an
+//! address (e.g. a bridge's IGMP report to 224.0.0.22) and collects on its
+//! own timers; they hold nothing of ours, and counting them made a census
+//! depend on when the kernel last sent a report.
 //!
 //! Processes and fds come and go while this reads them: one that vanishes
 //! half-way is skipped, not an error. Only the agent itself must be running.
@@ -41,6 +45,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use particle_net::endpoint::list_arp_entries;
 use particle_net::netlink::messages;
 use particle_net::{NetNs, NetNsError, NetlinkError, NetlinkSocket};
 use serde::Serialize;
@@ -59,7 +64,7 @@ pub struct AgentResources {
     pub addresses: usize,
     /// IPv4 routes, all tables (local and main included).
     pub routes: usize,
-    /// IPv4 neighbour (ARP) entries, all states.
+    /// IPv4 neighbour (ARP) entries, all states but NOARP (see above).
     pub neighbours: usize,
     /// Bridge FDB entries (the `AF_BRIDGE` neighbour dump, as `bridge fdb
     /// show` lists them, links' multicast lists included).
@@ -221,13 +226,17 @@ impl NamespaceCounts {
     /// Dumps the namespace's tables through a netlink socket opened in it.
     pub fn count(ns: &NetNs) -> Result<Self, NetlinkError> {
         let mut socket = NetlinkSocket::open_in(ns)?;
+        let neighbours = list_arp_entries(&mut socket)?
+            .iter()
+            .filter(|e| !e.computed())
+            .count();
         // Every reply of a dump is one object; the end marker is not returned.
         let mut count = |what, request| socket.query(what, request, true).map(|r| r.len());
         Ok(Self {
             links: count("list links", messages::dump_links())?,
             addresses: count("list addresses", messages::dump_ipv4_addresses())?,
             routes: count("list routes", messages::dump_ipv4_routes())?,
-            neighbours: count("list neighbours", messages::dump_ipv4_neighbours())?,
+            neighbours,
             fdb: count("list FDB", messages::dump_fdb())?,
         })
     }

@@ -8,6 +8,7 @@ pub mod baselines;
 pub mod cni_add;
 pub mod delay_line;
 pub mod endpoints;
+pub mod no_network;
 pub mod pipeline;
 pub mod pipeline_baseline;
 pub mod reuse;

@@ -26,6 +26,7 @@ use std::thread::JoinHandle;
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkFlags;
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::names::{IfName, NameError, RunPrefix};
@@ -145,39 +146,7 @@ impl Endpoint {
     /// other MACs, so its next user must start with the empty cache the
     /// first one had. For the pool's recycler, before reuse.
     pub fn forget_neighbours(&self) -> Result<(), EndpointError> {
-        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
-        let mut socket = NetlinkSocket::open_in(&self.netns)?;
-        let learnt: Vec<Request> = socket
-            .query("list neighbours", messages::dump_ipv4_neighbours(), true)?
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
-                        Some((n.header.ifindex, *ip))
-                    }
-                    _ => None,
-                }),
-                _ => None,
-            })
-            .map(|(index, ip)| {
-                Request::change(
-                    format!("forget the ARP entry of {ip}"),
-                    messages::delete_neighbour(index, ip),
-                )
-            })
-            .collect();
-        if !learnt.is_empty() {
-            // An entry that expired meanwhile is gone already: fine.
-            for outcome in socket.execute(&learnt)? {
-                match outcome {
-                    Err(e) if e.errno() != Some(nix::libc::ENOENT) => {
-                        return Err(NetlinkError::Request(e).into())
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Ok(())
+        forget_neighbours_in(&self.netns)
     }
 
     /// Destroys the endpoint (same as dropping it, but says so).
@@ -208,6 +177,86 @@ impl EndpointState {
             ipv4: list_ipv4_addresses(socket)?,
         })
     }
+}
+
+/// Forgets every neighbour (ARP) entry of a namespace (an endpoint's, by
+/// its namespace alone: the pool sweeps idle endpoints without taking them).
+pub fn forget_neighbours_in(netns: &NetNs) -> Result<(), EndpointError> {
+    let mut socket = NetlinkSocket::open_in(netns)?;
+    forget_arp_entries(&mut socket, |_| true)?;
+    Ok(())
+}
+
+/// One IPv4 neighbour entry as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArpEntry {
+    pub index: u32,
+    pub ip: Ipv4Addr,
+    pub state: NeighbourState,
+}
+
+impl ArpEntry {
+    /// A multicast or broadcast mapping the kernel computes (NOARP) and
+    /// collects on its own timers.
+    pub fn computed(&self) -> bool {
+        self.state == NeighbourState::Noarp
+    }
+
+    /// Learnt from traffic, as opposed to set by us (permanent) or computed
+    /// by the kernel.
+    pub fn learnt(&self) -> bool {
+        !self.computed() && self.state != NeighbourState::Permanent
+    }
+}
+
+/// The IPv4 neighbour entries of the socket's namespace, every state.
+pub fn list_arp_entries(socket: &mut NetlinkSocket) -> Result<Vec<ArpEntry>, NetlinkError> {
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+    Ok(socket
+        .query("list neighbours", messages::dump_ipv4_neighbours(), true)?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(ArpEntry {
+                    index: n.header.ifindex,
+                    ip: *ip,
+                    state: n.header.state,
+                }),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Deletes the ARP entries of the socket's namespace that `forget` picks;
+/// how many went. One that expired meanwhile is gone already: fine.
+pub fn forget_arp_entries(
+    socket: &mut NetlinkSocket,
+    forget: impl Fn(&ArpEntry) -> bool,
+) -> Result<usize, NetlinkError> {
+    let doomed: Vec<Request> = list_arp_entries(socket)?
+        .into_iter()
+        .filter(|e| forget(e))
+        .map(|e| {
+            Request::change(
+                format!("forget the ARP entry of {}", e.ip),
+                messages::delete_neighbour(e.index, e.ip),
+            )
+        })
+        .collect();
+    if doomed.is_empty() {
+        return Ok(0);
+    }
+    let mut forgotten = 0;
+    for outcome in socket.execute(&doomed)? {
+        match outcome {
+            Ok(_) => forgotten += 1,
+            Err(e) if e.errno() == Some(nix::libc::ENOENT) => {}
+            Err(e) => return Err(NetlinkError::Request(e)),
+        }
+    }
+    Ok(forgotten)
 }
 
 /// All links of the socket's namespace.
@@ -358,6 +407,41 @@ impl EndpointFactory {
         let Some(bridge) = self.bridge_index else {
             return Ok(());
         };
+        let request = Request::change(
+            format!("forget the ARP entry of {address}"),
+            messages::delete_neighbour(bridge, address),
+        );
+        let outcome = self.with_home_socket(|socket| socket.execute(&[request]))?;
+        match outcome.into_iter().next() {
+            Some(Err(e)) if e.errno() != Some(nix::libc::ENOENT) => Err(NetlinkError::Request(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the ARP entries the bridge learnt for addresses `in_use` says
+    /// no endpoint is using; how many went. Packets still in flight when an
+    /// endpoint was released (a peer's last ACK, a retransmit) teach the
+    /// bridge its address again after [`Self::forget_neighbour`], and the
+    /// kernel collects nothing while its table is small (below
+    /// `gc_thresh1`), so without this sweep such entries would stay.
+    pub fn forget_unused_neighbours(
+        &self,
+        in_use: impl Fn(Ipv4Addr) -> bool,
+    ) -> Result<usize, NetlinkError> {
+        let Some(bridge) = self.bridge_index else {
+            return Ok(0);
+        };
+        self.with_home_socket(|socket| {
+            forget_arp_entries(socket, |e| e.index == bridge && e.learnt() && !in_use(e.ip))
+        })
+    }
+
+    /// Runs `f` on the socket in the home namespace, opening it if needed;
+    /// a failed socket (not a failed request) is reopened next time.
+    fn with_home_socket<T>(
+        &self,
+        f: impl FnOnce(&mut NetlinkSocket) -> Result<T, NetlinkError>,
+    ) -> Result<T, NetlinkError> {
         let mut guard = self
             .home_socket
             .lock()
@@ -366,18 +450,11 @@ impl EndpointFactory {
             Some(s) => s,
             None => guard.insert(NetlinkSocket::open_in(&self.home)?),
         };
-        let request = Request::change(
-            format!("forget the ARP entry of {address}"),
-            messages::delete_neighbour(bridge, address),
-        );
-        let outcome = socket.execute(&[request]);
-        if outcome.is_err() {
-            *guard = None; // the socket failed, not the request
+        let outcome = f(socket);
+        if matches!(&outcome, Err(e) if !matches!(e, NetlinkError::Request(_))) {
+            *guard = None;
         }
-        match outcome?.pop() {
-            Some(Err(e)) if e.errno() != Some(nix::libc::ENOENT) => Err(NetlinkError::Request(e)),
-            _ => Ok(()),
-        }
+        outcome
     }
 
     /// Worker threads building endpoints in parallel.

@@ -233,6 +233,11 @@ impl AddressBlock {
         self.taken.count()
     }
 
+    /// Whether `address` is an endpoint address of this block handed out.
+    pub fn is_allocated(&self, address: Ipv4Addr) -> bool {
+        self.index_of(address).is_ok_and(|i| self.taken.get(i))
+    }
+
     /// Allocates an address; returned with the block's prefix length.
     pub fn allocate(&mut self) -> Result<Ipv4Network, IpamError> {
         let i = self

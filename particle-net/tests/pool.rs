@@ -167,3 +167,65 @@ fn a_kernel_refusal_in_a_refill_batch_is_reported_and_the_rest_of_the_pool_is_fi
     drop(claimed);
     drop(pool);
 }
+
+/// `ip neigh` entries of a namespace, one line each.
+fn arp_entries(netns: &particle_net::NetNs) -> String {
+    let out = netns
+        .command("ip")
+        .args(["-4", "neigh", "show", "nud", "all"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn plant_arp_entry(netns: &particle_net::NetNs, ip: &str, dev: &str, nud: &str) {
+    let planted = netns
+        .command("ip")
+        .args(["neigh", "replace", ip, "lladdr", "02:00:00:00:00:01"])
+        .args(["dev", dev, "nud", nud])
+        .status()
+        .unwrap();
+    assert!(planted.success(), "planting {ip} {nud} on {dev}");
+}
+
+#[test]
+fn a_resting_pool_sweeps_the_arp_state_nobody_uses() {
+    let t = scratch("10.205.0.0/24");
+    let config = PoolConfig {
+        high_watermark: 2,
+        low_watermark: 0,
+        batch_size: 2,
+    };
+    let pool =
+        EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config).unwrap();
+    pool.wait_ready(2, WAIT).unwrap();
+    // One endpoint in use, one back in the pool (its namespace kept to look in).
+    let claimed = pool.claim().unwrap();
+    let pooled = pool.claim().unwrap();
+    let pooled_ip = pooled.address().ip().to_string();
+    let pooled_ns = pooled.netns().try_clone().unwrap();
+    drop(pooled);
+    eventually("recycled", WAIT, || pool.stats().recycled == 1);
+    // What in-flight packets leave after a release: the bridge learns the
+    // addresses of a pooled endpoint and of one long gone, and the pooled
+    // endpoint its gateway; the claimed endpoint's entry is in use.
+    let bridge = t.node.bridge.name.to_string();
+    let claimed_ip = claimed.address().ip().to_string();
+    plant_arp_entry(&t.node.netns, &pooled_ip, &bridge, "stale");
+    plant_arp_entry(&t.node.netns, "10.205.0.200", &bridge, "stale");
+    plant_arp_entry(&t.node.netns, &claimed_ip, &bridge, "stale");
+    plant_arp_entry(&t.node.netns, "10.205.0.201", &bridge, "permanent");
+    plant_arp_entry(&pooled_ns, "10.205.0.1", "eth0", "stale");
+
+    eventually("the sweep ran", Duration::from_secs(30), || {
+        let home = arp_entries(&t.node.netns);
+        !home.contains(&format!("{pooled_ip} "))
+            && !home.contains("10.205.0.200 ")
+            && arp_entries(&pooled_ns).is_empty()
+    });
+    let home = arp_entries(&t.node.netns);
+    assert!(home.contains(&format!("{claimed_ip} ")), "in use: {home}");
+    assert!(home.contains("10.205.0.201 "), "ours (permanent): {home}");
+    drop(claimed);
+}

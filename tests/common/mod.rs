@@ -30,18 +30,25 @@ pub fn text(out: &Output) -> String {
     )
 }
 
-/// One HTTP/1.1 request to 127.0.0.1:`port`; the whole answer, status line first.
-pub fn http(port: u16, method: &str, path: &str, token: &str, body: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+/// One HTTP/1.1 request to 127.0.0.1:`port`; the whole answer, status line
+/// first. An error when the connection fails or is reset: tests kill the
+/// controller behind `cluster up`'s relay and call again until it is back.
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    )?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 /// The pid of the cluster process running `particle SUBCOMMAND` with an
@@ -170,9 +177,13 @@ impl Cluster {
         cmd
     }
 
-    /// An API call through the relay: (status code, body).
+    /// An API call through the relay: (status code, body); status 0 and the
+    /// error when there was no answer (e.g. the controller is restarting).
     pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let answer = http(self.port, method, path, &self.token, body);
+        let answer = match http(self.port, method, path, &self.token, body) {
+            Ok(answer) => answer,
+            Err(e) => return (0, format!("no answer: {e}")),
+        };
         let status = answer
             .split(' ')
             .nth(1)

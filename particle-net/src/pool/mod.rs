@@ -21,9 +21,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ready_queue::lock;
+
+/// How long the refiller rests before it sweeps the ARP state nobody uses
+/// ([`Shared::sweep_neighbours`]); again after as long, while it rests.
+const NEIGHBOUR_SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub use ready_queue::ReadyQueue;
 
-use crate::endpoint::{Endpoint, EndpointFactory, EndpointSpec};
+use crate::endpoint::{forget_neighbours_in, Endpoint, EndpointFactory, EndpointSpec};
 use crate::ipam::AddressBlock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,6 +387,33 @@ impl Shared {
         }
     }
 
+    /// Forgets the ARP state nobody uses: the bridge's entries for
+    /// addresses no claimed endpoint holds (released, destroyed or pooled
+    /// ones), and what pooled endpoints learnt again after the recycler
+    /// flushed them. Both come from packets still in flight when an
+    /// endpoint was released; the kernel would keep them while its table is
+    /// small. Racing a claim is harmless: the endpoint ARPs once more.
+    fn sweep_neighbours(&self) {
+        let pooled = self
+            .ready
+            .map_each(|e| (e.address().ip(), e.netns().try_clone()));
+        let idle: std::collections::HashSet<_> = pooled.iter().map(|(ip, _)| *ip).collect();
+        let in_use = |ip| !idle.contains(&ip) && lock(&self.block).is_allocated(ip);
+        match self.factory.forget_unused_neighbours(in_use) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(n, "forgot the bridge's ARP entries of unused addresses"),
+            Err(e) => tracing::debug!("sweeping the bridge's ARP entries: {e}"),
+        }
+        for (ip, netns) in pooled {
+            let swept = netns
+                .map_err(Into::into)
+                .and_then(|ns| forget_neighbours_in(&ns));
+            if let Err(e) = swept {
+                tracing::debug!("sweeping the ARP entries of pooled endpoint {ip}: {e}");
+            }
+        }
+    }
+
     fn record_error(&self, error: String) {
         self.counters.build_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("endpoint build failed: {error}");
@@ -406,18 +437,29 @@ impl Shared {
 fn refiller(shared: &Shared) {
     let factory = &shared.factory;
     loop {
-        {
+        let rested = {
             let mut w = lock(&shared.wakeup);
-            while !w.refill && !w.shutdown {
-                w = shared
+            loop {
+                if w.shutdown {
+                    return;
+                }
+                if w.refill {
+                    w.refill = false;
+                    break false;
+                }
+                let (guard, waited) = shared
                     .wakeup_signal
-                    .wait(w)
+                    .wait_timeout(w, NEIGHBOUR_SWEEP_EVERY)
                     .unwrap_or_else(PoisonError::into_inner);
+                w = guard;
+                if waited.timed_out() && !w.refill && !w.shutdown {
+                    break true;
+                }
             }
-            if w.shutdown {
-                return;
-            }
-            w.refill = false;
+        };
+        if rested {
+            shared.sweep_neighbours();
+            continue;
         }
         shared.counters.refilling.store(true, Ordering::SeqCst);
         loop {

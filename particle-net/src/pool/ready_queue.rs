@@ -107,6 +107,11 @@ impl<T> ReadyQueue<T> {
         self.len() == 0
     }
 
+    /// `f` of every ready item, in one critical section (keep `f` cheap).
+    pub fn map_each<U>(&self, f: impl FnMut(&T) -> U) -> Vec<U> {
+        lock(&self.inner).items.iter().map(f).collect()
+    }
+
     pub fn drain(&self) -> Vec<T> {
         lock(&self.inner).items.drain(..).collect()
     }

@@ -1,0 +1,114 @@
+//! The floor of the startup and pipeline benchmarks: the same functions with
+//! no network of their own, started the way a Particle agent starts them
+//! (`particle_node_agent::launcher`: container namespaces, dropped
+//! privileges, a supervisor per function) by one launcher per node working
+//! in parallel, as the agents do. All of them join one scratch namespace and
+//! talk over its loopback, so nothing binds a port on the machine. What a
+//! networked system takes beyond this is what its network costs.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use particle_net::scratch::ScratchNode;
+use particle_net::{AddressBlock, Run};
+use particle_node_agent::launcher::{self, FunctionSpec, Runtime};
+use particle_workloads::env::FunctionEnv;
+use particle_workloads::local::FunctionOutput;
+
+/// Starts `argv` once per environment, the functions of node `n` (rank
+/// `r % nodes == n`, as [`particle_workloads::local::local_envs`] places
+/// them) by that node's launcher thread, and waits for all of them until
+/// `timeout` (those still running then are killed and have no status).
+/// `block` is the scratch namespace's (unused) underlay block.
+pub fn run(
+    envs: &[FunctionEnv],
+    argv: &[String],
+    nodes: usize,
+    block: &str,
+    timeout: Duration,
+) -> Result<Vec<FunctionOutput>> {
+    let deadline = Instant::now() + timeout;
+    let run = Run::start()?;
+    let scratch = ScratchNode::new(run.prefix(), AddressBlock::parse(block)?)
+        .context("creating the scratch namespace")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let nodes = nodes.max(1);
+    let netns = scratch.netns.as_fd();
+    // The agents spawn from a synchronous call inside their runtime (the
+    // children are reaped by it); so do these launchers.
+    let started: Vec<Vec<(usize, tokio::process::Child)>> = std::thread::scope(|s| {
+        let launchers: Vec<_> = (0..nodes)
+            .map(|node| {
+                let handle = runtime.handle().clone();
+                s.spawn(move || -> Result<Vec<_>> {
+                    let _inside = handle.enter();
+                    let mut children = Vec::new();
+                    for env in envs.iter().filter(|e| e.rank % nodes == node) {
+                        let vars = env.vars();
+                        let name = format!("floor-{}", env.rank);
+                        let spec = FunctionSpec {
+                            argv,
+                            env: &vars,
+                            netns: Some(netns),
+                            name: &name,
+                            bundle_dir: Path::new("/nonexistent"),
+                        };
+                        let child = launcher::spawn(&spec, &Runtime::Builtin)
+                            .with_context(|| format!("starting function {}", env.rank))?;
+                        children.push((env.rank, child));
+                    }
+                    Ok(children)
+                })
+            })
+            .collect();
+        launchers
+            .into_iter()
+            .map(|l| {
+                l.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a launcher thread panicked")))
+            })
+            .collect::<Result<_>>()
+    })?;
+    let mut outputs = runtime.block_on(async {
+        let mut waiting = tokio::task::JoinSet::new();
+        for (rank, child) in started.into_iter().flatten() {
+            waiting.spawn(async move {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // A function past the deadline is dropped, which kills it
+                // (kill_on_drop) and with it its PID namespace.
+                match tokio::time::timeout(left, child.wait_with_output()).await {
+                    Ok(Ok(out)) => FunctionOutput {
+                        rank,
+                        status: Some(out.status),
+                        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                    },
+                    Ok(Err(e)) => FunctionOutput {
+                        rank,
+                        status: None,
+                        stdout: String::new(),
+                        stderr: format!("waiting for it: {e}"),
+                    },
+                    Err(_) => FunctionOutput {
+                        rank,
+                        status: None,
+                        stdout: String::new(),
+                        stderr: "killed at the deadline".into(),
+                    },
+                }
+            });
+        }
+        let mut outputs = Vec::with_capacity(envs.len());
+        while let Some(done) = waiting.join_next().await {
+            outputs.push(done.context("a waiting task panicked")?);
+        }
+        anyhow::Ok(outputs)
+    })?;
+    outputs.sort_by_key(|o| o.rank);
+    Ok(outputs)
+}
