@@ -83,9 +83,20 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
         for t in &tenants {
             warm_up(&api, t, args.warm).await?;
         }
+        // One small burst per tenant first, so that the start is a node that
+        // has carried traffic: its underlay ARP entries for the other nodes
+        // exist from the first overlay packet on and stay (as they should).
+        for t in &tenants {
+            ring_job(&api, t, argv.clone(), 2 * args.nodes)
+                .await
+                .with_context(|| format!("the warm-up burst of {t}"))?;
+        }
+        for t in &tenants {
+            warm_up(&api, t, args.warm).await?;
+        }
         anyhow::Ok(())
     })?;
-    let start = census(&agents, None)?;
+    let start = steady_census(&agents)?;
 
     let began = Instant::now();
     let mut report = SoakReport {
@@ -163,6 +174,30 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
     Ok(report)
 }
 
+/// Whether every agent holds as much as before, growth counters aside.
+fn same_level(before: &[AgentResources], after: &[AgentResources]) -> bool {
+    before.iter().zip(after).all(|(b, a)| {
+        b.delta(a)
+            .iter()
+            .all(|(name, d)| GROWTH_COUNTERS.contains(&name.as_str()) || *d == 0)
+    })
+}
+
+/// The census once two reads a pool's rest apart agree (the last burst's
+/// endpoints recycled, the pools' ARP sweep run), or after a minute.
+fn steady_census(agents: &[(String, i32)]) -> Result<Vec<AgentResources>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = census(agents, None)?;
+    loop {
+        std::thread::sleep(Duration::from_secs(6));
+        let now = census(agents, None)?;
+        if same_level(&last, &now) || Instant::now() > deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 /// Every agent's resources; with `settle`, re-read until the kernel objects,
 /// fds and processes match `settle`'s census or its time is up.
 fn census(
@@ -183,12 +218,7 @@ fn census(
     let deadline = Instant::now() + within;
     loop {
         let now = read()?;
-        let back = now.iter().zip(start).all(|(n, s)| {
-            s.delta(n)
-                .iter()
-                .all(|(name, d)| GROWTH_COUNTERS.contains(&name.as_str()) || *d == 0)
-        });
-        if back || Instant::now() > deadline {
+        if same_level(start, &now) || Instant::now() > deadline {
             return Ok(now);
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -507,20 +507,22 @@ async fn refuse(mut stream: UnixStream, tenant: &str) -> std::io::Result<()> {
 async fn connection(stream: UnixStream, claims: Arc<Claims>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
-    let mut line = String::new();
+    let mut line = Vec::new();
     loop {
         line.clear();
         let n = (&mut lines)
             .take(MAX_LINE as u64 + 1)
-            .read_line(&mut line)
+            .read_until(b'\n', &mut line)
             .await?;
         if n == 0 {
             return Ok(());
         }
-        let response = if n > MAX_LINE {
-            LocalResponse::error(format!("request longer than {MAX_LINE} bytes"))
-        } else {
-            match parse_request(line.trim()) {
+        let response = match std::str::from_utf8(&line) {
+            _ if n > MAX_LINE => {
+                LocalResponse::error(format!("request longer than {MAX_LINE} bytes"))
+            }
+            Err(e) => LocalResponse::error(format!("the request is not UTF-8: {e}")),
+            Ok(text) => match parse_request(text.trim()) {
                 Ok(request) if request.blocks() => {
                     let claims = claims.clone();
                     tokio::task::spawn_blocking(move || claims.handle(request))
@@ -529,7 +531,7 @@ async fn connection(stream: UnixStream, claims: Arc<Claims>) -> std::io::Result<
                 }
                 Ok(request) => claims.handle(request),
                 Err(e) => LocalResponse::error(e),
-            }
+            },
         };
         let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
         out.push(b'\n');
@@ -901,18 +903,14 @@ mod fuzz {
     }
 
     /// The replies the connection loop owes for `lines`, from a fresh model:
-    /// one per line, in order, up to the first line it cannot read (not
-    /// UTF-8: closed without a reply) or that is too long (an error, then
-    /// closed). True if it closes before the last line.
+    /// one per line, in order (a line that is not UTF-8 gets an error), up
+    /// to the first line that is too long (an error, then closed). True if it closes before the last line.
     fn expected_replies(lines: &[Vec<u8>]) -> (Vec<Value>, bool) {
         let model = Claims::default();
         let mut out = Vec::new();
         for line in lines {
             // The loop reads at most MAX_LINE + 1 bytes of a line.
             let read = &line[..line.len().min(MAX_LINE + 1)];
-            let Ok(text) = std::str::from_utf8(read) else {
-                return (out, true);
-            };
             if read.len() > MAX_LINE {
                 out.push(
                     serde_json::to_value(LocalResponse::error(format!(
@@ -922,6 +920,14 @@ mod fuzz {
                 );
                 return (out, true);
             }
+            let text = match std::str::from_utf8(read) {
+                Ok(text) => text,
+                Err(e) => {
+                    let reply = LocalResponse::error(format!("the request is not UTF-8: {e}"));
+                    out.push(serde_json::to_value(reply).unwrap());
+                    continue;
+                }
+            };
             let reply = match parse_request(text.trim()) {
                 Ok(req) => model.handle(req),
                 Err(e) => LocalResponse::error(e),
@@ -938,7 +944,7 @@ mod fuzz {
         // Written while replies are read: a long input must not deadlock on
         // full socket buffers.
         let writer = tokio::spawn(async move {
-            // The agent may close early (a line too long or not UTF-8).
+            // The agent may close early (a line too long).
             let _ = write.write_all(&input).await;
             let _ = write.shutdown().await;
         });

@@ -329,6 +329,24 @@ struct Job {
     items: Vec<(u64, Option<EndpointSpec>)>,
     reply: Sender<(usize, Vec<Result<Built, EndpointError>>)>,
     slot: usize,
+    priority: BuildPriority,
+}
+
+/// Whether someone waits for a batch (a claim building the rest of a burst
+/// cold) or it stocks a pool for later, behind whatever else runs on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildPriority {
+    Urgent,
+    Background,
+}
+
+impl BuildPriority {
+    fn nice(self) -> i32 {
+        match self {
+            Self::Urgent => 0,
+            Self::Background => crate::limits::BACKGROUND_NICE,
+        }
+    }
 }
 
 /// What a worker hands back: an endpoint with its address, or (for the
@@ -471,7 +489,16 @@ impl EndpointFactory {
     /// in the order of `specs`. A failed endpoint leaves nothing behind and does
     /// not affect the others.
     pub fn create_batch(&self, specs: &[EndpointSpec]) -> Vec<BuildResult> {
-        self.run_jobs(specs.iter().copied().map(Some).collect())
+        self.create_batch_at(specs, BuildPriority::Urgent)
+    }
+
+    /// [`Self::create_batch`] at a given priority.
+    pub fn create_batch_at(
+        &self,
+        specs: &[EndpointSpec],
+        priority: BuildPriority,
+    ) -> Vec<BuildResult> {
+        self.run_jobs(specs.iter().copied().map(Some).collect(), priority)
             .into_iter()
             .map(|r| {
                 r.and_then(|b| {
@@ -490,9 +517,10 @@ impl EndpointFactory {
     }
 
     /// Builds `n` endpoints without an address, their host ends unattached in
-    /// the factory's namespace: a tenant-free pool, bound on claim.
+    /// the factory's namespace: a tenant-free pool, bound on claim. Built
+    /// in the background: nobody waits for a tenant-free endpoint.
     pub fn create_unbound(&self, n: usize) -> Vec<Result<UnboundEndpoint, EndpointError>> {
-        self.run_jobs(vec![None; n])
+        self.run_jobs(vec![None; n], BuildPriority::Background)
             .into_iter()
             .map(|r| {
                 r.map(|b| UnboundEndpoint {
@@ -505,7 +533,11 @@ impl EndpointFactory {
             .collect()
     }
 
-    fn run_jobs(&self, specs: Vec<Option<EndpointSpec>>) -> Vec<Result<Built, EndpointError>> {
+    fn run_jobs(
+        &self,
+        specs: Vec<Option<EndpointSpec>>,
+        priority: BuildPriority,
+    ) -> Vec<Result<Built, EndpointError>> {
         let (reply_tx, reply_rx) = mpsc::channel();
         let share = specs.len().div_ceil(self.workers.len().max(1)).max(1);
         let mut next_id = reserve_ids(&self.prefix, specs.len());
@@ -522,6 +554,7 @@ impl EndpointFactory {
                 items,
                 reply: reply_tx.clone(),
                 slot,
+                priority,
             };
             let (worker, _) = &self.workers[slot % self.workers.len()];
             if let Err(mpsc::SendError(job)) = worker.send(job) {
@@ -629,7 +662,14 @@ fn worker_main(home: NetNs, bridge: Option<u32>, prefix: RunPrefix, jobs: Receiv
             return;
         }
     };
+    let mut nice = 0;
     for job in jobs {
+        if job.priority.nice() != nice {
+            match crate::limits::set_current_thread_nice(job.priority.nice()) {
+                Ok(()) => nice = job.priority.nice(),
+                Err(e) => tracing::debug!("endpoint worker priority: {e}"),
+            }
+        }
         let (results, home_lost) = build(&home, &mut host, bridge, &prefix, job.items);
         let _ = job.reply.send((job.slot, results));
         if home_lost {

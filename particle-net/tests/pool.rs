@@ -207,16 +207,17 @@ fn a_resting_pool_sweeps_the_arp_state_nobody_uses() {
     let pooled_ns = pooled.netns().try_clone().unwrap();
     drop(pooled);
     eventually("recycled", WAIT, || pool.stats().recycled == 1);
-    // What in-flight packets leave after a release: the bridge learns the
-    // addresses of a pooled endpoint and of one long gone, and the pooled
-    // endpoint its gateway; the claimed endpoint's entry is in use.
+    // What in-flight packets leave after a release: the recycled endpoint
+    // learns its gateway again (planted first: the sweep after its recycling
+    // must find it), the bridge the addresses of a pooled endpoint and of
+    // one long gone; the claimed endpoint's entry is in use.
+    plant_arp_entry(&pooled_ns, "10.205.0.1", "eth0", "stale");
     let bridge = t.node.bridge.name.to_string();
     let claimed_ip = claimed.address().ip().to_string();
     plant_arp_entry(&t.node.netns, &pooled_ip, &bridge, "stale");
     plant_arp_entry(&t.node.netns, "10.205.0.200", &bridge, "stale");
     plant_arp_entry(&t.node.netns, &claimed_ip, &bridge, "stale");
     plant_arp_entry(&t.node.netns, "10.205.0.201", &bridge, "permanent");
-    plant_arp_entry(&pooled_ns, "10.205.0.1", "eth0", "stale");
 
     eventually("the sweep ran", Duration::from_secs(30), || {
         let home = arp_entries(&t.node.netns);

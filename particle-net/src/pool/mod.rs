@@ -24,10 +24,13 @@ use ready_queue::lock;
 
 /// How long the refiller rests before it sweeps the ARP state nobody uses
 /// ([`Shared::sweep_neighbours`]); again after as long, while it rests.
+/// Cheap: one dump of the bridge, and one per endpoint recycled meanwhile.
 const NEIGHBOUR_SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub use ready_queue::ReadyQueue;
 
-use crate::endpoint::{forget_neighbours_in, Endpoint, EndpointFactory, EndpointSpec};
+use crate::endpoint::{
+    forget_neighbours_in, BuildPriority, Endpoint, EndpointFactory, EndpointSpec,
+};
 use crate::ipam::AddressBlock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +132,8 @@ struct Shared {
     returns: Mutex<Option<Sender<Returned>>>,
     counters: Counters,
     last_error: Mutex<Option<String>>,
+    /// Endpoints recycled since the last neighbour sweep (their ids).
+    unswept: Mutex<std::collections::HashSet<u64>>,
 }
 
 struct Returned {
@@ -173,6 +178,7 @@ impl EndpointPool {
             returns: Mutex::new(Some(returns_tx)),
             counters: Counters::default(),
             last_error: Mutex::new(None),
+            unswept: Mutex::new(Default::default()),
         });
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -389,14 +395,18 @@ impl Shared {
 
     /// Forgets the ARP state nobody uses: the bridge's entries for
     /// addresses no claimed endpoint holds (released, destroyed or pooled
-    /// ones), and what pooled endpoints learnt again after the recycler
-    /// flushed them. Both come from packets still in flight when an
-    /// endpoint was released; the kernel would keep them while its table is
-    /// small. Racing a claim is harmless: the endpoint ARPs once more.
+    /// ones), and what endpoints recycled since the last sweep learnt again
+    /// after the recycler flushed them. Both come from packets still in
+    /// flight when an endpoint was released; the kernel would keep them
+    /// while its table is small. One dump on the bridge each time, one per
+    /// recycled endpoint once. Racing a claim is harmless: the endpoint
+    /// ARPs once more.
     fn sweep_neighbours(&self) {
-        let pooled = self
-            .ready
-            .map_each(|e| (e.address().ip(), e.netns().try_clone()));
+        let unswept = std::mem::take(&mut *lock(&self.unswept));
+        let pooled = self.ready.map_each(|e| {
+            let netns = unswept.contains(&e.id()).then(|| e.netns().try_clone());
+            (e.address().ip(), netns)
+        });
         let idle: std::collections::HashSet<_> = pooled.iter().map(|(ip, _)| *ip).collect();
         let in_use = |ip| !idle.contains(&ip) && lock(&self.block).is_allocated(ip);
         match self.factory.forget_unused_neighbours(in_use) {
@@ -405,6 +415,7 @@ impl Shared {
             Err(e) => tracing::debug!("sweeping the bridge's ARP entries: {e}"),
         }
         for (ip, netns) in pooled {
+            let Some(netns) = netns else { continue };
             let swept = netns
                 .map_err(Into::into)
                 .and_then(|ns| forget_neighbours_in(&ns));
@@ -435,6 +446,7 @@ impl Shared {
 }
 
 fn refiller(shared: &Shared) {
+    background_thread();
     let factory = &shared.factory;
     loop {
         let rested = {
@@ -483,7 +495,8 @@ fn refiller(shared: &Shared) {
                 .building
                 .store(specs.len(), Ordering::Relaxed);
             let mut built = Vec::with_capacity(specs.len());
-            for (spec, result) in specs.iter().zip(factory.create_batch(&specs)) {
+            let results = factory.create_batch_at(&specs, BuildPriority::Background);
+            for (spec, result) in specs.iter().zip(results) {
                 match result {
                     Ok(ep) => built.push(ep),
                     Err(e) => {
@@ -511,7 +524,16 @@ fn refiller(shared: &Shared) {
     }
 }
 
+/// Pool maintenance yields to whatever else runs on the node (see
+/// [`crate::limits::BACKGROUND_NICE`]).
+fn background_thread() {
+    if let Err(e) = crate::limits::set_current_thread_nice(crate::limits::BACKGROUND_NICE) {
+        tracing::debug!("pool thread priority: {e}");
+    }
+}
+
 fn recycler(shared: &Shared, returns: Receiver<Returned>) {
+    background_thread();
     for Returned { endpoint, reuse } in returns {
         let room = if reuse { shared.ready.reserve(1) } else { 0 };
         let reusable = room == 1
@@ -520,6 +542,7 @@ fn recycler(shared: &Shared, returns: Receiver<Returned>) {
         if reusable {
             // Its next user starts as the first did: unknown to the bridge.
             shared.forget_neighbour(endpoint.address().ip());
+            lock(&shared.unswept).insert(endpoint.id());
             shared.ready.fill(vec![endpoint], 1);
             // Counted after the fill, so that whoever sees the count sees the endpoint.
             shared.counters.recycled.fetch_add(1, Ordering::Relaxed);
