@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use particle_bench::pipeline::{evaluate, FunctionRun, PipelineResult, PipelineSpec};
 use particle_bench::pipeline_baseline::Baseline;
 use particle_workloads::local::local_envs;
-use particle_workloads::ring::now_ns;
 use serde::Serialize;
 
 use crate::demo::{absolute, launch_pipeline, local_cluster, prepare_tenant, video_program};
@@ -170,8 +169,7 @@ fn run_no_network(
 ) -> Result<SystemResult> {
     let envs = local_envs("no-network", spec.functions, 20_000, nodes);
     let argv = spec.argv(program);
-    let submitted = now_ns();
-    let outputs =
+    let (submitted, outputs) =
         particle_bench::no_network::run(&envs, &argv, nodes, "10.251.0.0/24", spec.timeout)?;
     let runs: Vec<FunctionRun> = outputs
         .into_iter()

@@ -16,20 +16,22 @@ use particle_net::{AddressBlock, Run};
 use particle_node_agent::launcher::{self, FunctionSpec, Runtime};
 use particle_workloads::env::FunctionEnv;
 use particle_workloads::local::FunctionOutput;
+use particle_workloads::ring::now_ns;
 
 /// Starts `argv` once per environment, the functions of node `n` (rank
 /// `r % nodes == n`, as [`particle_workloads::local::local_envs`] places
 /// them) by that node's launcher thread, and waits for all of them until
 /// `timeout` (those still running then are killed and have no status).
-/// `block` is the scratch namespace's (unused) underlay block.
+/// `block` is the scratch namespace's (unused) underlay block. Returns when
+/// the launch began (wall-clock ns, after the scratch namespace and the
+/// runtime are set up: those are not the floor's) and the outputs by rank.
 pub fn run(
     envs: &[FunctionEnv],
     argv: &[String],
     nodes: usize,
     block: &str,
     timeout: Duration,
-) -> Result<Vec<FunctionOutput>> {
-    let deadline = Instant::now() + timeout;
+) -> Result<(u128, Vec<FunctionOutput>)> {
     let run = Run::start()?;
     let scratch = ScratchNode::new(run.prefix(), AddressBlock::parse(block)?)
         .context("creating the scratch namespace")?;
@@ -39,6 +41,8 @@ pub fn run(
         .context("starting the tokio runtime")?;
     let nodes = nodes.max(1);
     let netns = scratch.netns.as_fd();
+    let submitted = now_ns();
+    let deadline = Instant::now() + timeout;
     // The agents spawn from a synchronous call inside their runtime (the
     // children are reaped by it); so do these launchers.
     let started: Vec<Vec<(usize, tokio::process::Child)>> = std::thread::scope(|s| {
@@ -56,6 +60,7 @@ pub fn run(
                             env: &vars,
                             netns: Some(netns),
                             name: &name,
+                            // Only OCI functions have a bundle.
                             bundle_dir: Path::new("/nonexistent"),
                         };
                         let child = launcher::spawn(&spec, &Runtime::Builtin)
@@ -81,25 +86,17 @@ pub fn run(
                 let left = deadline.saturating_duration_since(Instant::now());
                 // A function past the deadline is dropped, which kills it
                 // (kill_on_drop) and with it its PID namespace.
-                match tokio::time::timeout(left, child.wait_with_output()).await {
-                    Ok(Ok(out)) => FunctionOutput {
-                        rank,
-                        status: Some(out.status),
-                        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                    },
-                    Ok(Err(e)) => FunctionOutput {
-                        rank,
-                        status: None,
-                        stdout: String::new(),
-                        stderr: format!("waiting for it: {e}"),
-                    },
-                    Err(_) => FunctionOutput {
-                        rank,
-                        status: None,
-                        stdout: String::new(),
-                        stderr: "killed at the deadline".into(),
-                    },
+                let (status, stdout, stderr) =
+                    match tokio::time::timeout(left, child.wait_with_output()).await {
+                        Ok(Ok(out)) => (Some(out.status), out.stdout, out.stderr),
+                        Ok(Err(e)) => (None, Vec::new(), format!("waiting for it: {e}").into()),
+                        Err(_) => (None, Vec::new(), b"killed at the deadline".to_vec()),
+                    };
+                FunctionOutput {
+                    rank,
+                    status,
+                    stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&stderr).into_owned(),
                 }
             });
         }
@@ -110,5 +107,5 @@ pub fn run(
         anyhow::Ok(outputs)
     })?;
     outputs.sort_by_key(|o| o.rank);
-    Ok(outputs)
+    Ok((submitted, outputs))
 }

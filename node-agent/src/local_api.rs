@@ -904,7 +904,8 @@ mod fuzz {
 
     /// The replies the connection loop owes for `lines`, from a fresh model:
     /// one per line, in order (a line that is not UTF-8 gets an error), up
-    /// to the first line that is too long (an error, then closed). True if it closes before the last line.
+    /// to the first line that is too long (an error, then closed). True if
+    /// it closes before the last line.
     fn expected_replies(lines: &[Vec<u8>]) -> (Vec<Value>, bool) {
         let model = Claims::default();
         let mut out = Vec::new();

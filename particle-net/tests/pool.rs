@@ -9,6 +9,16 @@ use particle_net::{EndpointPool, PoolConfig, PoolError};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A pool on `t`'s node with one build worker.
+fn one_worker_pool(t: &common::TestNode, high: usize, low: usize, batch: usize) -> EndpointPool {
+    let config = PoolConfig {
+        high_watermark: high,
+        low_watermark: low,
+        batch_size: batch,
+    };
+    EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config).unwrap()
+}
+
 #[test]
 fn pool_fills_claims_refills_and_recycles_clean_endpoints() {
     let mut t = scratch("10.201.0.0/24");
@@ -54,13 +64,7 @@ fn pool_fills_claims_refills_and_recycles_clean_endpoints() {
 #[test]
 fn dirty_or_discarded_endpoints_are_destroyed_not_reused() {
     let mut t = scratch("10.202.0.0/24");
-    let config = PoolConfig {
-        high_watermark: 4,
-        low_watermark: 0,
-        batch_size: 4,
-    };
-    let pool =
-        EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config).unwrap();
+    let pool = one_worker_pool(&t, 4, 0, 4);
     pool.wait_ready(4, WAIT).unwrap();
 
     // A function left a bridge behind in its namespace: not clean.
@@ -97,13 +101,7 @@ fn dirty_or_discarded_endpoints_are_destroyed_not_reused() {
 fn claim_from_an_empty_pool_is_a_clear_error() {
     let t = scratch("10.203.0.0/29");
     // A /29 has 5 endpoint addresses: the pool cannot reach its high watermark.
-    let config = PoolConfig {
-        high_watermark: 8,
-        low_watermark: 8,
-        batch_size: 8,
-    };
-    let pool =
-        EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config).unwrap();
+    let pool = one_worker_pool(&t, 8, 8, 8);
     let err = pool.wait_ready(8, Duration::from_secs(3)).unwrap_err();
     assert!(err.to_string().contains("exhausted"), "{err}");
     let held: Vec<_> = (0..5).map(|_| pool.claim().unwrap()).collect();
@@ -192,13 +190,7 @@ fn plant_arp_entry(netns: &particle_net::NetNs, ip: &str, dev: &str, nud: &str) 
 #[test]
 fn a_resting_pool_sweeps_the_arp_state_nobody_uses() {
     let t = scratch("10.205.0.0/24");
-    let config = PoolConfig {
-        high_watermark: 2,
-        low_watermark: 0,
-        batch_size: 2,
-    };
-    let pool =
-        EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config).unwrap();
+    let pool = one_worker_pool(&t, 2, 0, 2);
     pool.wait_ready(2, WAIT).unwrap();
     // One endpoint in use, one back in the pool (its namespace kept to look in).
     let claimed = pool.claim().unwrap();

@@ -21,17 +21,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ready_queue::lock;
-
-/// How long the refiller rests before it sweeps the ARP state nobody uses
-/// ([`Shared::sweep_neighbours`]); again after as long, while it rests.
-/// Cheap: one dump of the bridge, and one per endpoint recycled meanwhile.
-const NEIGHBOUR_SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub use ready_queue::ReadyQueue;
 
 use crate::endpoint::{
     forget_neighbours_in, BuildPriority, Endpoint, EndpointFactory, EndpointSpec,
 };
 use crate::ipam::AddressBlock;
+
+/// How long the refiller rests before it sweeps the ARP state nobody uses
+/// ([`Shared::sweep_neighbours`]); again after as long, while it rests.
+/// Cheap: one dump of the bridge, and one per endpoint recycled meanwhile.
+const NEIGHBOUR_SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
