@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use particle_bench::agent_resources::AgentResources;
 use particle_bench::soak::{windows, AgentCensus, SoakReport, GROWTH_COUNTERS};
-use particle_controller::api::{FunctionCommand, Job, JobState, LaunchJob};
-use particle_controller::client::{ApiClient, Method};
+use particle_wire::api::{FunctionCommand, Job, JobState, LaunchJob};
+use particle_wire::client::{ApiClient, Method};
 use particle_workloads::ring::{parse_probe, REACHED};
 
 use crate::bench_startup::{create_tenant, ring_argv, set_warm};

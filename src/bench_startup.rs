@@ -13,10 +13,10 @@ use anyhow::{Context, Result};
 use particle_bench::baselines::docker_swarm::{Swarm, SwarmHost};
 use particle_bench::pipeline_baseline::Baseline;
 use particle_bench::startup::{burst, Burst, StartupReport};
-use particle_controller::api::{CreateTenant, Tenant, WarmTarget};
-use particle_controller::client::{ApiClient, Method};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
+use particle_wire::api::{CreateTenant, Tenant, WarmTarget};
+use particle_wire::client::{ApiClient, Method};
 use particle_workloads::local::local_envs;
 use particle_workloads::ring::now_ns;
 

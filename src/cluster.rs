@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use particle_controller::client::{ApiClient, Method};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Endpoint, NetNs, Run};
+use particle_wire::client::{ApiClient, Method};
 
 /// Where a running cluster's files live.
 fn cluster_dir(run: &Run) -> PathBuf {
@@ -227,7 +227,7 @@ impl LocalCluster {
 
     /// A client of the controller, dialling inside the underlay.
     pub fn api(&self) -> Result<ApiClient> {
-        let dial = particle_controller::client::dial_in(self.fabric.netns.try_clone()?);
+        let dial = self.fabric.netns.try_clone()?.tcp_dialer();
         Ok(ApiClient::new(
             self.controller_addr,
             self.token.clone(),
@@ -314,7 +314,7 @@ async fn relay_loop(listener: tokio::net::TcpListener, fabric: Arc<NetNs>, targe
 async fn wait_for_nodes(client: &ApiClient, nodes: usize, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     loop {
-        let listed: Result<Vec<particle_controller::api::Node>, _> =
+        let listed: Result<Vec<particle_wire::api::Node>, _> =
             client.call::<(), _>(Method::GET, "/v1/nodes", None).await;
         match listed {
             Ok(n) if n.len() == nodes => return Ok(()),

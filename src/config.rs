@@ -68,11 +68,11 @@ pub struct AgentSettings {
 
 impl AgentSettings {
     /// The warm-connection service's config, if `warm_socket` turns it on.
-    pub fn warm_config(&self) -> Result<Option<particle_node_agent::warm_pool::WarmConfig>> {
+    pub fn warm_config(&self) -> Result<Option<particle_node_agent::warm_connections::WarmConfig>> {
         let Some(socket) = &self.warm_socket else {
             return Ok(None);
         };
-        let mut c = particle_node_agent::warm_pool::WarmConfig::new(socket.clone());
+        let mut c = particle_node_agent::warm_connections::WarmConfig::new(socket.clone());
         c.listen = Some(SocketAddr::from((self.underlay_ip, self.warm_port)));
         c.pool_size = self.warm_pool_size.max(1);
         // Saturating: a huge warm_pool_size must not overflow (a panic in debug builds).
@@ -91,12 +91,12 @@ impl AgentSettings {
 }
 
 /// `ADDR` or `ADDR=TENANT,TENANT`.
-pub fn warm_destination(s: &str) -> Result<particle_node_agent::warm_pool::WarmDestination> {
+pub fn warm_destination(s: &str) -> Result<particle_node_agent::warm_connections::WarmDestination> {
     let (addr, tenants) = match s.split_once('=') {
         Some((a, t)) => (a, t.split(',').map(|t| t.trim().to_string()).collect()),
         None => (
             s,
-            vec![particle_node_agent::warm_pool::ANY_TENANT.to_string()],
+            vec![particle_node_agent::warm_connections::ANY_TENANT.to_string()],
         ),
     };
     let addr = addr
@@ -106,7 +106,7 @@ pub fn warm_destination(s: &str) -> Result<particle_node_agent::warm_pool::WarmD
     if tenants.iter().any(String::is_empty) {
         anyhow::bail!("warm destination {s:?}: empty tenant name");
     }
-    Ok(particle_node_agent::warm_pool::WarmDestination { addr, tenants })
+    Ok(particle_node_agent::warm_connections::WarmDestination { addr, tenants })
 }
 
 fn default_warm_port() -> u16 {
@@ -547,7 +547,7 @@ mod fuzz {
                 None => (
                     format!("{p}{addr}{p}"),
                     addr,
-                    vec![particle_node_agent::warm_pool::ANY_TENANT.to_string()],
+                    vec![particle_node_agent::warm_connections::ANY_TENANT.to_string()],
                 ),
                 Some(ts) => {
                     let text: Vec<String> =

@@ -11,11 +11,11 @@ use anyhow::{bail, Context, Result};
 use particle_bench::pipeline::{
     evaluate, timeline_rows, FunctionRun, PipelineResult, PipelineSpec,
 };
-use particle_controller::api::{
+use particle_wire::api::{
     CreateTenant, FunctionCommand, Job, JobState, LaunchJob, Node, Placement, RuntimeKind, Tenant,
     WarmTarget,
 };
-use particle_controller::client::{ApiClient, Method};
+use particle_wire::client::{ApiClient, Method};
 use particle_workloads::ring::now_ns;
 use serde::Serialize;
 

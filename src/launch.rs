@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use particle_controller::api::{
+use particle_wire::api::{
     FunctionCommand, FunctionState, Job, JobState, JobSummary, LaunchJob, Node, Placement,
     RuntimeKind, Tenant, WarmTarget,
 };
-use particle_controller::client::{ApiClient, Method};
+use particle_wire::client::{ApiClient, Method};
 
 /// How to reach the controller.
 #[derive(clap::Args, Debug, Clone)]

@@ -524,8 +524,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         oci_runtime: args.oci_runtime.clone(),
     };
     let warm = args.warm_config()?;
-    let client =
-        particle_node_agent::controller_client::ControllerClient::direct(args.controller, token);
+    let client = particle_wire::client::ApiClient::direct(args.controller, token);
     let metrics_addr = args
         .metrics_listen
         .unwrap_or_else(|| std::net::SocketAddr::from((args.underlay_ip, 9101)));

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use particle_controller::api::{CreateTenant, Tenant};
 use particle_controller::ControllerConfig;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Endpoint, NetNs, PoolConfig, Run};
-use particle_node_agent::controller_client::{ControllerClient, Dial};
 use particle_node_agent::daemon::{self, AgentConfig, Listeners};
 use particle_node_agent::NodeConfig;
+use particle_wire::api::{CreateTenant, Tenant};
+use particle_wire::client::{ApiClient, Dial};
 use serde_json::Value;
 
 const TOKEN: &str = "agent-nodes";
@@ -41,7 +41,7 @@ pub struct AgentNodes {
 }
 
 fn dial_from(ns: &NetNs) -> Result<Dial> {
-    Ok(particle_controller::client::dial_in(ns.try_clone()?))
+    Ok(ns.try_clone()?.tcp_dialer())
 }
 
 impl AgentNodes {
@@ -80,7 +80,7 @@ impl AgentNodes {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             runtime.spawn(particle_controller::serve(config, listener));
         }
-        let user = ControllerClient::new(addr, TOKEN.into(), dial_from(&fabric.netns)?);
+        let user = ApiClient::new(addr, TOKEN.into(), dial_from(&fabric.netns)?);
         for t in tenants {
             let body = CreateTenant {
                 name: t.name.clone(),
@@ -110,7 +110,7 @@ impl AgentNodes {
                 heartbeat_every: Duration::from_millis(500),
                 oci_runtime: None,
             };
-            let client = ControllerClient::new(addr, TOKEN.into(), dial_from(host.netns())?);
+            let client = ApiClient::new(addr, TOKEN.into(), dial_from(host.netns())?);
             let netns = host.netns().try_clone()?;
             runtime.spawn(async move {
                 if let Err(e) =

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
 use particle_node_agent::launcher::{self, FunctionSpec, Runtime};
-use particle_workloads::env::FunctionEnv;
+use particle_wire::function_env::FunctionEnv;
 use particle_workloads::local::FunctionOutput;
 use particle_workloads::ring::now_ns;
 

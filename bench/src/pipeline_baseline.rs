@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use particle_net::endpoint::Endpoint;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, NetNs, Run};
-use particle_workloads::env::{FunctionEnv, FUNCTION_PORT};
+use particle_wire::function_env::{FunctionEnv, FUNCTION_PORT};
 use particle_workloads::ring::now_ns;
 
 use crate::baselines::ip::NamespacesGuard;

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use particle_net::scratch::ScratchNode;
-use particle_net::warm::{WarmClient, WarmStats};
+use particle_net::warm::WarmClient;
 use particle_net::{AddressBlock, NetNs, Run};
-use particle_node_agent::warm_pool::{WarmConfig, WarmDestination, WarmService, ANY_TENANT};
+use particle_node_agent::warm_connections::{WarmConfig, WarmDestination, WarmService, ANY_TENANT};
+use particle_wire::warm::WarmStats;
 use serde::Serialize;
 
 use crate::delay_line::DelayLine;
@@ -464,7 +465,8 @@ fn flow_experiment(
     }
     let tcp_srtt_ms = {
         let s = client.get(dest)?;
-        let info = particle_node_agent::warm_health::tcp_info(std::os::fd::AsFd::as_fd(&s))?;
+        let info =
+            particle_node_agent::warm_connections::health::tcp_info(std::os::fd::AsFd::as_fd(&s))?;
         client.put(s)?;
         f64::from(info.tcpi_rtt) / 1e3
     };

@@ -1,4 +1,4 @@
-//! The axum router implementing the API documented in [`crate::api`].
+//! The axum router implementing the API documented in [`particle_wire::api`].
 //!
 //! Every error, including malformed JSON, bad paths and unknown routes, is
 //! answered with an [`ApiError`] body. Request bodies are decoded here rather
@@ -18,41 +18,14 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::api::{
-    ApiError, CreateTenant, FunctionExits, Heartbeat, Job, JobSummary, LaunchJob, Node,
-    NodeOverlay, RegisterNode, Tenant, WarmTarget,
-};
-use crate::client::{ApiClient, Method};
 use crate::state::{ErrorKind, StateError};
 use crate::{Controller, UpdateError};
-
-/// An error answered as `{"error": "..."}` with the given status.
-#[derive(Debug)]
-pub struct HttpError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl HttpError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ApiError {
-                error: self.message,
-            }),
-        )
-            .into_response()
-    }
-}
+use particle_wire::api::{
+    CreateTenant, FunctionExits, Heartbeat, Job, JobSummary, LaunchJob, Node, NodeOverlay,
+    RegisterNode, Tenant, WarmTarget,
+};
+use particle_wire::client::{ApiClient, Method};
+use particle_wire::{check_bearer, HttpError};
 
 impl From<StateError> for HttpError {
     fn from(e: StateError) -> Self {
@@ -77,18 +50,6 @@ impl From<UpdateError> for HttpError {
                 )
             }
         }
-    }
-}
-
-impl From<PathRejection> for HttpError {
-    fn from(e: PathRejection) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, e.body_text())
-    }
-}
-
-impl From<QueryRejection> for HttpError {
-    fn from(e: QueryRejection) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, e.body_text())
     }
 }
 
@@ -158,31 +119,6 @@ async fn require_token(
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
-}
-
-/// The bearer-token check every `/v1` route of the controller and the agents makes.
-pub fn check_bearer(headers: &HeaderMap, token: &str) -> Result<(), HttpError> {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "wrong bearer token",
-        )),
-        None => Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer <token>",
-        )),
-    }
-}
-
-/// Compares without an early exit so response time does not leak how much
-/// of the token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn create_tenant(

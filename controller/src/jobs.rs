@@ -20,14 +20,14 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::api::{
+use crate::store::{Store, StoreError};
+use crate::Controller;
+use particle_wire::api::{
     FunctionExit, FunctionState, FunctionStatus, Job, JobState, JobSummary, LaunchJob,
     ReserveFunctions, Reserved, StartFunctions, Started,
 };
-use crate::client::{ApiClient, ClientError, Method};
-use crate::http::HttpError;
-use crate::store::{Store, StoreError};
-use crate::Controller;
+use particle_wire::client::{ApiClient, ClientError, Method};
+use particle_wire::HttpError;
 
 /// The largest burst one request may ask for.
 pub const MAX_FUNCTIONS: usize = 100_000;

@@ -5,8 +5,6 @@
 //! - [`http`]: the axum router implementing [`api`].
 //! - [`serve`]: runs the router plus the node-expiry loop.
 
-pub mod api;
-pub mod client;
 pub mod http;
 pub mod jobs;
 pub mod metrics;

@@ -15,7 +15,7 @@ use particle_net::ipam::{parse_network, DisjointNetworks, IpamError, TenantSubne
 use particle_net::overlay::MAX_VNI;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{
+use particle_wire::api::{
     CreateTenant, Heartbeat, Node, NodeOverlay, PoolLevel, RemoteNode, Tenant, TenantOverlay,
 };
 

@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use particle_controller::api::{ApiError, Node, NodeOverlay, Tenant};
+use particle_wire::api::{ApiError, Node, NodeOverlay, Tenant};
 
 #[tokio::test]
 async fn tenant_crud() {

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use particle_controller::api::{
+use particle_wire::api::{
     ApiError, CreateTenant, FunctionExits, Heartbeat, Job, JobState, JobSummary, LaunchJob, Node,
     NodeOverlay, PoolLevel, RegisterNode, Tenant, WarmTarget,
 };

@@ -21,19 +21,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use particle_net::attach::{self, AttachError, AttachedInterface};
 use particle_net::{EndpointSpec, IfName, NetNs, PooledEndpoint, RunPrefix};
-use serde::{Deserialize, Serialize};
 
-use crate::free_pool::{FreePool, TenantClaim};
-use crate::node_state::claim_from;
+use particle_wire::local::{AttachMode, Attachment, AttachmentKey};
 
-/// How an interface is lent (see the module docs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttachMode {
-    #[default]
-    Plug,
-    Move,
-}
+use crate::claims::{take_one, TenantClaim};
+use crate::free_pool::FreePool;
 
 /// One attach as the runtime asks for it.
 #[derive(Debug, Clone, Copy)]
@@ -44,30 +36,6 @@ pub struct AttachRequest<'a> {
     pub ifname: &'a str,
     pub netns: &'a str,
     pub mode: AttachMode,
-}
-
-/// What the runtime is told of an attachment (the CNI result's substance).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attachment {
-    pub container_id: String,
-    pub ifname: String,
-    /// The CNI network it was made for (GC is per network).
-    pub network: String,
-    pub tenant: String,
-    /// The runtime's namespace path the interface went into.
-    pub netns: String,
-    /// Address with prefix length, e.g. `10.1.0.5/24`.
-    pub address: String,
-    pub gateway: String,
-    pub mac: String,
-    pub mode: AttachMode,
-}
-
-/// An attachment the runtime says should exist (CNI GC's valid list).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct AttachmentKey {
-    pub container_id: String,
-    pub ifname: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +202,7 @@ impl Attachments {
         let target = open_netns(req.netns)?;
         let (spec, iface, lent) = match req.mode {
             AttachMode::Move => {
-                let endpoint = claim_from(&tenant, free).map_err(AttachmentError::NoEndpoint)?;
+                let endpoint = take_one(&tenant, free).map_err(AttachmentError::NoEndpoint)?;
                 match attach::attach(&endpoint, &target, name) {
                     Ok(iface) => {
                         let spec = EndpointSpec {

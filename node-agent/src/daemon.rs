@@ -5,15 +5,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use particle_controller::api::{Heartbeat, NodeOverlay, RegisterNode};
 use particle_net::NetNs;
+use particle_wire::api::{Heartbeat, NodeOverlay, RegisterNode};
 
-use crate::agent_api;
-use crate::controller_client::{ClientError, ControllerClient};
+use crate::api::controller;
+use crate::api::local::{self, LocalApi};
+use crate::api::metrics::MetricsSources;
+use crate::claims::Claims;
 use crate::jobs::{report_exits, LaunchSettings, NodeJobs};
-use crate::local_api::{self, Claims};
-use crate::node_state::{NodeConfig, NodeState};
-use crate::warm_pool::{WarmConfig, WarmService};
+use crate::node_state::{NodeConfig, NodeState, OverlayView};
+use crate::warm_connections::{WarmConfig, WarmService};
+use particle_wire::client::{ApiClient, ClientError};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -39,24 +41,26 @@ pub struct Listeners {
 pub async fn run(
     config: AgentConfig,
     node: NetNs,
-    client: ControllerClient,
+    client: ApiClient,
     listeners: Listeners,
 ) -> std::io::Result<()> {
     run_with_warm(config, node, client, listeners, None).await
 }
 
-/// [`run`], also serving warm connections (`crate::warm_pool`) with `warm`;
+/// [`run`], also serving warm connections ([`crate::warm_connections`]) with `warm`;
 /// callers' tenants are those of the endpoints claimed through the local API.
 pub async fn run_with_warm(
     config: AgentConfig,
     node: NetNs,
-    client: ControllerClient,
+    client: ApiClient,
     listeners: Listeners,
     warm: Option<WarmConfig>,
 ) -> std::io::Result<()> {
     let state = NodeState::new(config.node.clone(), &node).map_err(std::io::Error::other)?;
-    let claims =
-        Arc::new(Claims::new(state.free_pool()).with_run_prefix(config.node.prefix.clone()));
+    let claims = Arc::new(Claims::new(state.free_pool()));
+    let local_api =
+        Arc::new(LocalApi::new(claims.clone()).with_run_prefix(config.node.prefix.clone()));
+    let overlay_view = Arc::new(OverlayView::default());
     // Stops (closing its connections) when the agent stops.
     let _warm = match warm {
         Some(w) => {
@@ -66,7 +70,7 @@ pub async fn run_with_warm(
         }
         None => None,
     };
-    let listener = local_api::bind(&config.socket_path)?;
+    let listener = local::bind(&config.socket_path)?;
     let state = Arc::new(Mutex::new(state));
     let api_port = match &listeners.metrics {
         Some(l) => Some(l.local_addr()?.port()),
@@ -91,7 +95,7 @@ pub async fn run_with_warm(
             instance,
         },
     );
-    let api = agent_api::router(jobs.clone(), client.token());
+    let api = controller::router(jobs.clone(), client.token());
     let reporter = tokio::spawn(report_exits(
         client.clone(),
         config.node_name.clone(),
@@ -100,7 +104,7 @@ pub async fn run_with_warm(
 
     let heartbeats = {
         let (client, claims, register) = (client.clone(), claims.clone(), register.clone());
-        let state = state.clone();
+        let (state, overlay_view) = (state.clone(), overlay_view.clone());
         let every = config.heartbeat_every;
         tokio::spawn(async move {
             loop {
@@ -114,7 +118,7 @@ pub async fn run_with_warm(
                 })
                 .await;
                 if let Ok(Some(counts)) = counts {
-                    claims.set_overlay_counts(counts);
+                    overlay_view.set(counts);
                 }
                 let beat = Heartbeat {
                     pools: claims.pool_levels(),
@@ -133,16 +137,19 @@ pub async fn run_with_warm(
         })
     };
     let follower = {
-        let (claims, state) = (claims.clone(), state.clone());
-        tokio::spawn(async move { follow(client, register, state, claims).await })
+        let (claims, state, view) = (claims.clone(), state.clone(), overlay_view.clone());
+        tokio::spawn(async move { follow(client, register, state, claims, view).await })
     };
     // Stopping the agent (or dropping this future) stops its background tasks,
     // and with them the node's tenant networks and pools.
     let mut tasks = vec![heartbeats, follower, reporter];
     if let Some(listener) = listeners.metrics {
-        let claims = claims.clone();
+        let sources = MetricsSources {
+            local: local_api.clone(),
+            overlay: overlay_view.clone(),
+        };
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listener, claims, api).await {
+            if let Err(e) = crate::api::metrics::serve(listener, sources, api).await {
                 tracing::error!("agent HTTP listener: {e}");
             }
         }));
@@ -151,7 +158,7 @@ pub async fn run_with_warm(
         tasks,
         socket_path: config.socket_path.clone(),
     };
-    local_api::serve(listener, claims).await
+    local::serve(listener, local_api).await
 }
 
 /// What a running agent leaves behind when it stops: nothing.
@@ -171,10 +178,11 @@ impl Drop for Running {
 
 /// Registers, then applies every newer overlay state the controller sends.
 async fn follow(
-    client: ControllerClient,
+    client: ApiClient,
     register: RegisterNode,
     state: Arc<Mutex<NodeState>>,
     claims: Arc<Claims>,
+    overlay_view: Arc<OverlayView>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut overlay: Option<NodeOverlay> = None;
@@ -200,7 +208,7 @@ async fn follow(
                 match pools {
                     Ok((pools, counts)) => {
                         claims.set_pools(pools);
-                        claims.set_overlay_counts(counts);
+                        overlay_view.set(counts);
                     }
                     Err(e) => tracing::error!("overlay apply task: {e}"),
                 }

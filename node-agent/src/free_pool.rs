@@ -15,13 +15,6 @@ use particle_net::{
     EndpointFactory, EndpointPool, NetlinkSocket, PoolConfig, PooledEndpoint, UnboundEndpoint,
 };
 
-/// A tenant as the claim path sees it: its warm pool and how to bind to it.
-#[derive(Clone)]
-pub struct TenantClaim {
-    pub pool: Arc<EndpointPool>,
-    pub binder: Arc<Mutex<TenantBinder>>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     #[error("the tenant-free pool is empty too")]
@@ -123,26 +116,30 @@ impl FreePool {
         self.shared.ready.wait_len(wanted, timeout)
     }
 
-    /// Takes a tenant-free endpoint and binds it to `tenant`; the result is a
-    /// claimed endpoint of the tenant's pool.
-    pub fn claim_for(&self, tenant: &TenantClaim) -> Result<PooledEndpoint, BindError> {
+    /// Takes a tenant-free endpoint and binds it to the tenant of `pool`
+    /// with `binder`; the result is a claimed endpoint of that pool.
+    pub fn claim_for(
+        &self,
+        pool: &EndpointPool,
+        binder: &Mutex<TenantBinder>,
+    ) -> Result<PooledEndpoint, BindError> {
         let (endpoint, below_low) = self.shared.ready.take();
         if below_low {
             let _ = self.wake.send(());
         }
         let endpoint = endpoint.ok_or(BindError::Empty)?;
-        let spec = tenant.pool.allocate_spec().ok_or(BindError::NoAddress)?;
+        let spec = pool.allocate_spec().ok_or(BindError::NoAddress)?;
         let bound = {
             let mut home = lock(&self.home);
-            lock(&tenant.binder).bind(&mut home, endpoint, spec)
+            lock(binder).bind(&mut home, endpoint, spec)
         };
         match bound {
             Ok(ep) => {
                 self.shared.bound.fetch_add(1, Ordering::Relaxed);
-                Ok(tenant.pool.adopt(ep))
+                Ok(pool.adopt(ep))
             }
             Err(e) => {
-                tenant.pool.release_spec(spec);
+                pool.release_spec(spec);
                 Err(BindError::Bind(e.to_string()))
             }
         }

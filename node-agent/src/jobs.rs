@@ -11,19 +11,19 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use particle_controller::api::{
+use particle_net::PooledEndpoint;
+use particle_wire::api::{
     FunctionExit, FunctionExits, ReserveFunctions, Reserved, ReservedEndpoint, RuntimeKind,
     StartFailure, StartFunctions, Started,
 };
-use particle_controller::http::HttpError;
-use particle_net::PooledEndpoint;
-use particle_workloads::env::FunctionEnv;
+use particle_wire::function_env::FunctionEnv;
+use particle_wire::HttpError;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::controller_client::{ControllerClient, Method};
+use crate::claims::{Claims, Origin};
 use crate::launcher::{self, FunctionSpec, Runtime};
-use crate::local_api::Claims;
+use particle_wire::client::{ApiClient, Method};
 
 /// Output kept per function; beyond it the rest is dropped (and said so).
 const MAX_OUTPUT: usize = 1 << 20;
@@ -43,7 +43,7 @@ pub struct LaunchSettings {
     pub oci_runtime: Option<PathBuf>,
     /// Where OCI bundles are written.
     pub bundle_dir: PathBuf,
-    /// This agent run's identity ([`particle_controller::api::RegisterNode::instance`]).
+    /// This agent run's identity ([`particle_wire::api::RegisterNode::instance`]).
     pub instance: String,
 }
 
@@ -147,7 +147,7 @@ impl NodeJobs {
         self.claims.wait_for_tenant(&req.tenant, NEW_TENANT_WAIT);
         let claimed = self
             .claims
-            .claim_many(&req.tenant, req.ranks.len())
+            .claim_burst(&req.tenant, req.ranks.len())
             .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
         tracing::debug!(
             job,
@@ -159,14 +159,14 @@ impl NodeJobs {
         let mut functions = BTreeMap::new();
         for (rank, result) in req.ranks.iter().zip(claimed) {
             match result {
-                Ok((ep, cold)) => {
+                Ok((ep, origin)) => {
                     // Its function may ask the agent for warm connections.
                     self.claims.remember_netns(&ep, &req.tenant);
                     let address = ep.address().ip();
                     endpoints.push(ReservedEndpoint {
                         rank: *rank,
                         address: Some(address),
-                        cold,
+                        cold: origin == Origin::Cold,
                         error: None,
                     });
                     functions.insert(
@@ -425,7 +425,7 @@ async fn capture(pipe: Option<impl AsyncRead + Unpin>, output: &Mutex<Output>) {
 /// Sends exit reports to the controller in batches (whatever arrived while
 /// the previous batch was in flight), retrying until it answers.
 pub async fn report_exits(
-    client: ControllerClient,
+    client: ApiClient,
     node: String,
     mut reports: mpsc::UnboundedReceiver<FunctionExit>,
 ) {

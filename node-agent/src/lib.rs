@@ -1,20 +1,19 @@
-//! The per-node agent: owns the node's tenant overlays and warm endpoint
-//! pools, applies the overlay state the controller sends ([`node_state`]),
-//! heartbeats and follows the controller ([`daemon`], [`controller_client`]),
-//! and serves the local Unix-socket API ([`local_api`]) and `/metrics`.
+//! The per-node agent: owns the node's tenant overlays and endpoint pools,
+//! applies the overlay state the controller sends ([`node_state`]),
+//! heartbeats and follows the controller ([`daemon`]), hands out endpoints
+//! ([`claims`], the one claim path, with the [`free_pool`] and the
+//! [`attachments`] lent to runtimes), launches functions ([`jobs`],
+//! [`launcher`]), keeps warm TCP connections for them ([`warm_connections`]),
+//! and serves its API surfaces ([`api`]).
 
-pub mod agent_api;
+pub mod api;
 pub mod attachments;
-pub mod controller_client;
+pub mod claims;
 pub mod daemon;
 pub mod free_pool;
 pub mod jobs;
 pub mod launcher;
-pub mod local_api;
-pub mod metrics;
 pub mod node_state;
-pub mod warm_health;
-pub mod warm_peers;
-pub mod warm_pool;
+pub mod warm_connections;
 
 pub use node_state::{AgentError, NodeConfig, NodeState};

@@ -11,7 +11,6 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use ipnetwork::Ipv4Network;
-use particle_controller::api::{NodeOverlay, PoolLevel, TenantOverlay};
 use particle_net::endpoint::FactoryConfig;
 use particle_net::ipam::parse_network;
 use particle_net::overlay::{
@@ -21,9 +20,10 @@ use particle_net::{
     AddressBlock, EndpointFactory, EndpointPool, IpamError, NetNs, NetlinkError, NetlinkSocket,
     PoolConfig, PoolError, PooledEndpoint, RunPrefix,
 };
+use particle_wire::api::{NodeOverlay, PoolLevel, TenantOverlay};
 
-use crate::free_pool::{FreePool, TenantClaim};
-use crate::local_api::pool_level;
+use crate::claims::{pool_level, take_one, TenantClaim};
+use crate::free_pool::FreePool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -55,14 +55,25 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
 }
 
-/// Claims from the tenant's warm pool, falling back to the tenant-free pool.
-pub fn claim_from(claim: &TenantClaim, free: Option<&FreePool>) -> Result<PooledEndpoint, String> {
-    match claim.pool.claim() {
-        Ok(ep) => Ok(ep),
-        Err(PoolError::Empty { .. }) if free.is_some() => free
-            .map(|f| f.claim_for(claim).map_err(|e| e.to_string()))
-            .unwrap_or_else(|| Err("no tenant-free pool".into())),
-        Err(e) => Err(e.to_string()),
+/// The overlay entries per tenant as last read from the kernel (after each
+/// apply and each heartbeat), for `/metrics`; read without waiting for the
+/// node's state.
+#[derive(Default)]
+pub struct OverlayView(std::sync::RwLock<BTreeMap<String, OverlayCounts>>);
+
+impl OverlayView {
+    pub fn set(&self, counts: BTreeMap<String, OverlayCounts>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = counts;
+    }
+
+    pub fn counts(&self) -> BTreeMap<String, OverlayCounts> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -262,7 +273,7 @@ impl NodeState {
             .claims()
             .remove(tenant)
             .ok_or_else(|| AgentError::UnknownTenant(tenant.to_string()))?;
-        claim_from(&claim, self.free.as_deref()).map_err(|e| AgentError::Claim {
+        take_one(&claim, self.free.as_deref()).map_err(|e| AgentError::Claim {
             tenant: tenant.to_string(),
             reason: e,
         })

@@ -10,21 +10,21 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use particle_controller::api::{CreateTenant, Node, NodeOverlay, Tenant};
 use particle_controller::ControllerConfig;
 use particle_net::scratch::ScratchNode;
 use particle_net::{Endpoint, NetNs, PoolConfig, Run};
-use particle_node_agent::controller_client::{ControllerClient, Dial};
 use particle_node_agent::daemon::{self, AgentConfig};
-use particle_node_agent::local_api::{ClaimedEndpoint, LocalResponse};
 use particle_node_agent::NodeConfig;
+use particle_wire::api::{CreateTenant, Node, NodeOverlay, Tenant};
+use particle_wire::client::{ApiClient, Dial};
+use particle_wire::local::{ClaimedEndpoint, LocalResponse};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const TOKEN: &str = "test-token";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn dial_from(ns: &NetNs) -> Dial {
-    particle_controller::client::dial_in(ns.try_clone().unwrap())
+    ns.try_clone().unwrap().tcp_dialer()
 }
 
 /// One request to an agent's local API; `None` while the agent is not listening yet.
@@ -97,7 +97,7 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
         heartbeat_every: Duration::from_millis(100),
         oci_runtime: None,
     };
-    let client = ControllerClient::new(controller, TOKEN.into(), dial_from(host.netns()));
+    let client = ApiClient::new(controller, TOKEN.into(), dial_from(host.netns()));
     let metrics_addr = SocketAddr::new(IpAddr::V4(host.address().ip()), 9101);
     let metrics = host
         .netns()
@@ -144,7 +144,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
         config,
         tokio::net::TcpListener::from_std(listener).unwrap(),
     ));
-    let user = ControllerClient::new(addr, TOKEN.into(), dial_from(&fabric.netns));
+    let user = ApiClient::new(addr, TOKEN.into(), dial_from(&fabric.netns));
 
     for (name, vni, subnet) in [("a", 500, "10.50.0.0/16"), ("b", 600, "10.60.0.0/16")] {
         let body = CreateTenant {
@@ -206,8 +206,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     // leave every node with one route, neighbour and FDB entry per other node.
     let more: Vec<_> = claim_many(&agents[1].socket, "a", 12).await;
     for (i, agent) in agents.iter().enumerate() {
-        let scrape =
-            ControllerClient::new(agent.metrics, String::new(), dial_from(hosts[i].netns()));
+        let scrape = ApiClient::new(agent.metrics, String::new(), dial_from(hosts[i].netns()));
         let deadline = Instant::now() + WAIT;
         loop {
             let text = scrape
@@ -230,7 +229,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     assert_eq!(more.len(), 12);
 
     // Each agent reports its pools to Prometheus and in its heartbeats.
-    let scrape = ControllerClient::new(
+    let scrape = ApiClient::new(
         agents[1].metrics,
         String::new(),
         dial_from(hosts[1].netns()),

@@ -4,10 +4,10 @@ mod common;
 
 use std::time::Duration;
 
-use particle_controller::api::{NodeOverlay, RemoteNode, TenantOverlay};
 use particle_net::scratch::ScratchNode;
 use particle_net::{Endpoint, NetlinkSocket, PoolConfig};
 use particle_node_agent::{NodeConfig, NodeState};
+use particle_wire::api::{NodeOverlay, RemoteNode, TenantOverlay};
 
 const WAIT: Duration = Duration::from_secs(20);
 

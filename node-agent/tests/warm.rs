@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use particle_net::warm::{WarmClient, WarmError};
 use particle_net::{Endpoint, NetNs, Run};
-use particle_node_agent::warm_pool::{TenantOf, WarmConfig, WarmDestination, WarmService};
+use particle_node_agent::warm_connections::{TenantOf, WarmConfig, WarmDestination, WarmService};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);

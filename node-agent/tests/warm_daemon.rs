@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use particle_controller::api::{CreateTenant, Tenant};
 use particle_controller::ControllerConfig;
 use particle_net::scratch::ScratchNode;
 use particle_net::{NetNs, PoolConfig};
-use particle_node_agent::controller_client::{ControllerClient, Dial};
 use particle_node_agent::daemon::{self, AgentConfig};
-use particle_node_agent::local_api::LocalResponse;
-use particle_node_agent::warm_pool::{WarmConfig, WarmDestination};
+use particle_node_agent::warm_connections::{WarmConfig, WarmDestination};
 use particle_node_agent::NodeConfig;
+use particle_wire::api::{CreateTenant, Tenant};
+use particle_wire::client::{ApiClient, Dial};
+use particle_wire::local::LocalResponse;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -117,7 +117,7 @@ async fn the_daemon_hands_warm_connections_to_its_claimed_endpoints_by_tenant() 
         },
         tokio::net::TcpListener::from_std(listener).unwrap(),
     ));
-    let user = ControllerClient::new(addr, TOKEN.into(), dial_from(&fabric.netns));
+    let user = ApiClient::new(addr, TOKEN.into(), dial_from(&fabric.netns));
     for (name, vni, subnet) in [("a", 700, "10.70.0.0/16"), ("b", 800, "10.80.0.0/16")] {
         let body = CreateTenant {
             name: name.into(),
@@ -161,7 +161,7 @@ async fn the_daemon_hands_warm_connections_to_its_claimed_endpoints_by_tenant() 
     let agent = tokio::spawn(daemon::run_with_warm(
         config,
         host.netns().try_clone().unwrap(),
-        ControllerClient::new(addr, TOKEN.into(), dial_from(host.netns())),
+        ApiClient::new(addr, TOKEN.into(), dial_from(host.netns())),
         daemon::Listeners { metrics: None },
         Some(warm),
     ));

@@ -47,6 +47,10 @@ pub struct NetNs {
     mount: Option<PathBuf>,
 }
 
+/// Opens a TCP connection from inside a namespace.
+pub type TcpDialer =
+    std::sync::Arc<dyn Fn(std::net::SocketAddr) -> io::Result<std::net::TcpStream> + Send + Sync>;
+
 impl NetNs {
     /// The namespace the calling thread is in.
     pub fn current() -> Result<Self, NetNsError> {
@@ -111,6 +115,17 @@ impl NetNs {
             })
             .join()
             .map_err(|_| NetNsError::ThreadPanicked)?
+        })
+    }
+
+    /// A TCP dialer that connects from inside this namespace (a simulated
+    /// host's), whatever namespace the caller is in: what an API client
+    /// (`particle_wire::client::Dial`) takes to reach a namespaced server.
+    pub fn tcp_dialer(self) -> TcpDialer {
+        let ns = std::sync::Arc::new(self);
+        std::sync::Arc::new(move |addr| {
+            ns.run_in(|| std::net::TcpStream::connect(addr))
+                .map_err(io::Error::other)?
         })
     }
 

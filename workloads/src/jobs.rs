@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use crate::args::{number, pairs, unknown};
-use crate::env::FunctionEnv;
 use crate::ring::{self, RingOptions};
 use crate::shuffle::{self, ShuffleOptions};
+use particle_wire::function_env::FunctionEnv;
 
 pub const USAGE: &str = "usage:
   particle-fn ring    [--offset N] [--bytes N] [--timeout-s N]

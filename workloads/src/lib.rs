@@ -1,7 +1,8 @@
 //! Real jobs on Particle: the programs a burst launches as functions.
 //!
-//! - [`env`]: what every function learns from its environment (rank, size,
-//!   peers), the contract between the launcher and the functions.
+//! - What every function learns from its environment (rank, size, peers),
+//!   the contract between the launcher and the functions, is
+//!   `particle_wire::function_env`, shared with the agent that sets it.
 //! - [`ring`]: the startup probe: each function reaches a peer on another
 //!   node and exchanges a message; the benchmarks time it.
 //! - [`source`]: the video pipeline's generated source video and its
@@ -17,7 +18,6 @@
 //! job is `particle-video` (workloads/video).
 
 pub mod args;
-pub mod env;
 pub mod jobs;
 pub mod local;
 pub mod ring;

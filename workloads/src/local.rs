@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::env::FunctionEnv;
+use particle_wire::function_env::FunctionEnv;
 
 #[derive(Debug)]
 pub struct FunctionOutput {

@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::env::FunctionEnv;
+use particle_wire::function_env::FunctionEnv;
 
 #[derive(Debug, Clone)]
 pub struct RingOptions {

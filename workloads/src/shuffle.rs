@@ -13,9 +13,9 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::env::FunctionEnv;
 use crate::timeline::{self, now_ns};
 use crate::wire::{self, Inbox, Message};
+use particle_wire::function_env::FunctionEnv;
 
 const BLOCK: u8 = 10;
 

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{umount2, MntFlags};
 use particle_net::{NetNs, RunPrefix};
-use particle_workloads::env::{FunctionEnv, FUNCTION_PORT};
+use particle_wire::function_env::{FunctionEnv, FUNCTION_PORT};
 
 use daemon::{Daemon, Tools};
 pub use host_state::HostState;

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use particle_controller::api::{ApiError, NodeOverlay, Tenant};
 use particle_controller::{serve, ControllerConfig};
+use particle_wire::api::{ApiError, NodeOverlay, Tenant};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

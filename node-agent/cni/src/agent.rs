@@ -1,32 +1,15 @@
 //! The agent's local API as the plugin speaks it: one JSON object per line
-//! over the agent's Unix socket (see `particle_node_agent::local_api`). Kept
-//! to std and serde so the plugin stays a small, fast-starting binary.
+//! over the agent's Unix socket, in the wire types the agent serves
+//! (`particle_wire::local`). Kept to std and serde so the plugin stays a
+//! small, fast-starting binary.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-
-/// An attachment as the agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Attachment {
-    pub container_id: String,
-    pub ifname: String,
-    pub tenant: String,
-    pub netns: String,
-    pub address: String,
-    pub gateway: String,
-    pub mac: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AttachmentKey {
-    pub container_id: String,
-    pub ifname: String,
-}
+pub use particle_wire::local::{Attachment, AttachmentKey};
+use particle_wire::local::{LocalRequest, LocalResponse};
 
 #[derive(Debug)]
 pub enum AgentError {
@@ -68,49 +51,39 @@ impl AgentClient {
     }
 
     /// One request, one answer; an `{"ok":false}` answer is `Refused`.
-    fn call(&self, request: &Value) -> Result<Value, AgentError> {
-        let io = |reason: std::io::Error| AgentError::Io {
+    fn call(&self, request: &LocalRequest) -> Result<LocalResponse, AgentError> {
+        let io = |reason: String| AgentError::Io {
             socket: self.socket.clone(),
-            reason: reason.to_string(),
+            reason,
         };
         let stream = UnixStream::connect(&self.socket).map_err(|e| AgentError::NotRunning {
             socket: self.socket.clone(),
             reason: e.to_string(),
         })?;
-        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-        let mut line = request.to_string();
-        line.push('\n');
-        (&stream).write_all(line.as_bytes()).map_err(io)?;
+        let timeouts = stream
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| stream.set_write_timeout(Some(self.timeout)));
+        timeouts.map_err(|e| io(e.to_string()))?;
+        let mut line = serde_json::to_vec(request).map_err(|e| io(e.to_string()))?;
+        line.push(b'\n');
+        (&stream).write_all(&line).map_err(|e| io(e.to_string()))?;
         let mut answer = String::new();
-        BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
-        let answer: Value = serde_json::from_str(&answer).map_err(|e| AgentError::Io {
-            socket: self.socket.clone(),
-            reason: format!("unreadable answer {answer:?}: {e}"),
-        })?;
-        if answer.get("ok") == Some(&Value::Bool(true)) {
-            Ok(answer)
-        } else {
-            Err(AgentError::Refused(
-                answer
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no reason given")
-                    .to_string(),
-            ))
+        BufReader::new(&stream)
+            .read_line(&mut answer)
+            .map_err(|e| io(e.to_string()))?;
+        match serde_json::from_str(&answer) {
+            Ok(LocalResponse::Error { error, .. }) => Err(AgentError::Refused(error)),
+            Ok(response) => Ok(response),
+            Err(e) => Err(io(format!("unreadable answer {answer:?}: {e}"))),
         }
     }
 
-    fn field<T: serde::de::DeserializeOwned>(
-        &self,
-        answer: Value,
-        key: &str,
-    ) -> Result<T, AgentError> {
-        let value = answer.get(key).cloned().unwrap_or(Value::Null);
-        serde_json::from_value(value).map_err(|e| AgentError::Io {
+    /// The answer was not the one the request calls for.
+    fn unexpected(&self, answer: LocalResponse) -> AgentError {
+        AgentError::Io {
             socket: self.socket.clone(),
-            reason: format!("answer without a valid {key:?}: {e}"),
-        })
+            reason: format!("unexpected answer {answer:?}"),
+        }
     }
 
     pub fn attach(
@@ -120,34 +93,49 @@ impl AgentClient {
         ifname: &str,
         netns: &str,
     ) -> Result<Attachment, AgentError> {
-        let answer = self.call(&json!({
-            "op": "attach", "network": config.network, "tenant": config.tenant,
-            "container_id": container_id, "ifname": ifname, "netns": netns,
-            "mode": config.attach_mode,
-        }))?;
-        self.field(answer, "attachment")
+        let request = LocalRequest::Attach {
+            network: config.network.clone(),
+            tenant: config.tenant.clone(),
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+            netns: netns.to_string(),
+            mode: config.attach_mode,
+        };
+        match self.call(&request)? {
+            LocalResponse::Attached { attachment, .. } => Ok(attachment),
+            other => Err(self.unexpected(other)),
+        }
     }
 
     /// Whether the agent had the attachment.
     pub fn detach(&self, container_id: &str, ifname: &str) -> Result<bool, AgentError> {
-        let answer = self.call(&json!({
-            "op": "detach", "container_id": container_id, "ifname": ifname,
-        }))?;
-        self.field(answer, "found")
+        let request = LocalRequest::Detach {
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+        };
+        match self.call(&request)? {
+            LocalResponse::Detached { found, .. } => Ok(found),
+            other => Err(self.unexpected(other)),
+        }
     }
 
     pub fn check(&self, container_id: &str, ifname: &str) -> Result<Attachment, AgentError> {
-        let answer = self.call(&json!({
-            "op": "check", "container_id": container_id, "ifname": ifname,
-        }))?;
-        self.field(answer, "attachment")
+        let request = LocalRequest::Check {
+            container_id: container_id.to_string(),
+            ifname: ifname.to_string(),
+        };
+        match self.call(&request)? {
+            LocalResponse::Attached { attachment, .. } => Ok(attachment),
+            other => Err(self.unexpected(other)),
+        }
     }
 
     /// The tenants the agent has warm pools for.
     pub fn tenants(&self) -> Result<Vec<String>, AgentError> {
-        let answer = self.call(&json!({ "op": "status" }))?;
-        let pools: serde_json::Map<String, Value> = self.field(answer, "pools")?;
-        Ok(pools.keys().cloned().collect())
+        match self.call(&LocalRequest::Status {})? {
+            LocalResponse::Status { pools, .. } => Ok(pools.into_keys().collect()),
+            other => Err(self.unexpected(other)),
+        }
     }
 
     pub fn gc(
@@ -155,16 +143,13 @@ impl AgentClient {
         network: &str,
         valid: &[AttachmentKey],
     ) -> Result<Vec<AttachmentKey>, AgentError> {
-        let answer = self.call(&json!({ "op": "gc", "network": network, "valid": valid }))?;
-        let detached: Vec<Value> = self.field(answer, "detached")?;
-        Ok(detached
-            .into_iter()
-            .filter_map(|v| {
-                Some(AttachmentKey {
-                    container_id: v.get("container_id")?.as_str()?.to_string(),
-                    ifname: v.get("ifname")?.as_str()?.to_string(),
-                })
-            })
-            .collect())
+        let request = LocalRequest::Gc {
+            network: network.to_string(),
+            valid: valid.to_vec(),
+        };
+        match self.call(&request)? {
+            LocalResponse::Collected { detached, .. } => Ok(detached),
+            other => Err(self.unexpected(other)),
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use particle_wire::local::AttachMode;
 use rscni_plugin::error::Error;
 use rscni_plugin::types::NetConf;
 
@@ -26,8 +27,8 @@ pub struct PluginConfig {
     pub tenant: String,
     pub agent_socket: PathBuf,
     pub timeout: std::time::Duration,
-    /// `plug` or `move`, as the agent's local API spells it.
-    pub attach_mode: String,
+    /// How the agent lends the interface (`plug` or `move`).
+    pub attach_mode: AttachMode,
 }
 
 impl PluginConfig {
@@ -77,8 +78,9 @@ impl PluginConfig {
             })?,
         };
         let attach_mode = match conf.custom.get(ATTACH_MODE) {
-            None => "plug".to_string(),
-            Some(serde_json::Value::String(m)) if m == "plug" || m == "move" => m.clone(),
+            None => AttachMode::Plug,
+            Some(serde_json::Value::String(m)) if m == "plug" => AttachMode::Plug,
+            Some(serde_json::Value::String(m)) if m == "move" => AttachMode::Move,
             Some(other) => {
                 return Err(Error::InvalidNetworkConfig(format!(
                     "{ATTACH_MODE:?} must be \"plug\" or \"move\", not {other}"
@@ -113,7 +115,7 @@ mod tests {
         assert_eq!(c.network, "n");
         assert_eq!(c.agent_socket, PathBuf::from("/run/p.sock"));
         assert_eq!(c.timeout.as_secs(), 10);
-        assert_eq!(c.attach_mode, "plug");
+        assert_eq!(c.attach_mode, AttachMode::Plug);
     }
 
     #[test]
@@ -319,7 +321,10 @@ mod fuzz {
                         prop_assert_eq!(&c.tenant, &tenant);
                         prop_assert_eq!(c.agent_socket, PathBuf::from(socket));
                         prop_assert_eq!(c.timeout.as_secs(), timeout);
-                        prop_assert_eq!(&c.attach_mode, &mode);
+                        prop_assert_eq!(
+                            serde_json::to_value(c.attach_mode).ok(),
+                            Some(Value::from(mode))
+                        );
                         prop_assert_eq!(c.network.as_str(), "particle");
                         let (s, _) = std::os::unix::net::UnixStream::pair().unwrap();
                         prop_assert!(s.set_read_timeout(Some(c.timeout)).is_ok());

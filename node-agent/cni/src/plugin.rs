@@ -210,6 +210,8 @@ mod tests {
             address: "10.1.0.5/24".into(),
             gateway: "10.1.0.1".into(),
             mac: "02:00:00:00:00:01".into(),
+            network: "n".into(),
+            mode: particle_wire::local::AttachMode::Plug,
         }
     }
 

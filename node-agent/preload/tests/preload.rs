@@ -13,7 +13,7 @@ use std::time::Duration;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Endpoint, NetNs, Run};
 
-use particle_node_agent::warm_pool::{WarmConfig, WarmDestination, WarmService};
+use particle_node_agent::warm_connections::{WarmConfig, WarmDestination, WarmService};
 
 /// Answers each line with `<client port> <connection number>`.
 fn line_server(host: &Endpoint, port: u16) -> (SocketAddr, Arc<AtomicUsize>) {

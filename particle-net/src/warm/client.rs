@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use super::fdpass::FdLines;
-use super::protocol::{WarmRequest, WarmResponse, WarmStats};
+use particle_wire::warm::{WarmRequest, WarmResponse, WarmStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {

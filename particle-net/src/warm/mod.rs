@@ -2,7 +2,7 @@
 //! already-ramped TCP connections and the functions that use them.
 //!
 //! A function talks to the agent over a Unix socket, one JSON object per line
-//! ([`protocol`]). A connection travels as a file descriptor attached to the
+//! ([`particle_wire::warm`]). A connection travels as a file descriptor attached to the
 //! line (`SCM_RIGHTS`, [`fdpass`]): the agent's reply to `get` carries the
 //! connected socket, a `put` carries it back. [`WarmClient`] is the API a
 //! function uses explicitly; the preload library (`node-agent/preload`) speaks
@@ -10,7 +10,5 @@
 
 pub mod client;
 pub mod fdpass;
-pub mod protocol;
 
 pub use client::{PutOutcome, WarmClient, WarmError};
-pub use protocol::{WarmRequest, WarmResponse, WarmStats};

@@ -30,7 +30,7 @@ use openh264::encoder::{Encoder, EncoderConfig, FrameRate, FrameType, QpRange, R
 use openh264::formats::YUVSource;
 use openh264::OpenH264API;
 
-use particle_workloads::env::FunctionEnv;
+use particle_wire::function_env::FunctionEnv;
 use particle_workloads::source::{chunk_range, frame_len, temporal_filter, Frame, TestPattern};
 use particle_workloads::timeline::{self, now_ns};
 use particle_workloads::wire::{self, Inbox, Message};

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use particle_video::{self as video, VideoOptions};
+use particle_wire::function_env::FunctionEnv;
 use particle_workloads::args::{number, pairs, unknown};
-use particle_workloads::env::FunctionEnv;
 
 const USAGE: &str = "usage: particle-video --output PATH [--width N] [--height N] [--frames N]
                       [--seed N] [--qp N] [--collector RANK] [--timeout-s N]

@@ -19,12 +19,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use particle_net::warm::protocol::{
+use particle_wire::warm::{
     frame_header, parse_frame_header, ChannelBind, FRAME_BIND, FRAME_HEADER, FRAME_MAX,
     FRAME_PROBE, FRAME_PROBE_ACK,
 };
 
-use crate::warm_pool::Shared;
+use super::Shared;
 
 /// Channel ends that arrived from another agent, waiting for their function.
 #[derive(Default)]

@@ -166,12 +166,9 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::warm::fdpass::FdLines;
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
     use serde_json::Value;
-    use std::os::fd::AsFd;
-    use std::os::unix::net::UnixStream;
 
     fn config(cases: u32) -> Config {
         Config {
@@ -425,85 +422,5 @@ mod fuzz {
                 },
             )
             .unwrap();
-    }
-
-    /// The line framing every message arrives in, over a real socket pair:
-    /// any bytes; each line comes out whole, in order, with the fd sent on
-    /// it and no other; a line longer than the limit is an error, not a
-    /// buffer that grows without bound.
-    #[test]
-    fn lines_arrive_whole_with_their_fds() {
-        let line = (
-            prop_oneof![
-                4 => prop::collection::vec(any::<u8>(), 0..64),
-                1 => (MAX_LINE - 8..MAX_LINE + 2048).prop_map(|n| vec![b'x'; n]),
-            ]
-            .prop_map(|b| b.into_iter().filter(|&c| c != b'\n').collect::<Vec<u8>>()),
-            prop::bool::weighted(0.3),
-        );
-        let lines = prop::collection::vec(line, 0..12);
-        let attached = std::fs::File::open("/dev/null").unwrap();
-        TestRunner::new(config(500))
-            .run(&lines, |lines| {
-                let (a, b) = UnixStream::pair().unwrap();
-                let sent = lines.clone();
-                let fd = attached.try_clone().unwrap();
-                let writer = std::thread::spawn(move || {
-                    let mut a = FdLines::new(a);
-                    for (bytes, with_fd) in &sent {
-                        // The reader may stop early (a line too long).
-                        if a.send(bytes, with_fd.then(|| fd.as_fd())).is_err() {
-                            break;
-                        }
-                    }
-                });
-                let mut b = FdLines::new(b);
-                let mut got = Vec::new();
-                let end = loop {
-                    match b.recv() {
-                        Ok(Some(line)) => got.push((line.bytes, line.fd.is_some())),
-                        other => break other.map(|_| ()),
-                    }
-                };
-                drop(b);
-                writer.join().unwrap();
-                prop_assert!(got.len() <= lines.len());
-                for (i, (bytes, fd)) in got.iter().enumerate() {
-                    prop_assert!(*bytes == lines[i].0, "line {i} changed");
-                    prop_assert_eq!(*fd, lines[i].1, "line {} fd", i);
-                    // The buffer is bounded: one read past the limit at most.
-                    prop_assert!(bytes.len() <= MAX_LINE + 1024, "{}-byte line", bytes.len());
-                }
-                match end {
-                    Ok(()) => prop_assert_eq!(got.len(), lines.len()),
-                    Err(e) => {
-                        // Only a line past the limit is refused.
-                        prop_assert!(lines[got.len()].0.len() > MAX_LINE, "{e}");
-                    }
-                }
-                Ok(())
-            })
-            .unwrap();
-    }
-
-    /// Found by `lines_arrive_whole_with_their_fds`: a line without an fd
-    /// followed by one with an fd, read in one go, got the fd on the first.
-    #[test]
-    fn an_fd_is_not_given_to_the_line_before_its_own() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (mut a, mut b) = (FdLines::new(a), FdLines::new(b));
-        let attached = std::fs::File::open("/dev/null").unwrap();
-        a.send(b"plain", None).unwrap();
-        a.send(b"with fd", Some(attached.as_fd())).unwrap();
-        let first = b.recv().unwrap().unwrap();
-        assert_eq!(
-            (first.bytes.as_slice(), first.fd.is_some()),
-            (&b"plain"[..], false)
-        );
-        let second = b.recv().unwrap().unwrap();
-        assert_eq!(
-            (second.bytes.as_slice(), second.fd.is_some()),
-            (&b"with fd"[..], true)
-        );
     }
 }

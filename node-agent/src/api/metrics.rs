@@ -17,7 +17,8 @@ use prometheus_client::registry::Registry;
 
 use particle_net::PoolStats;
 
-use crate::local_api::Claims;
+use crate::api::local::LocalApi;
+use crate::node_state::OverlayView;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TenantLabels {
@@ -71,8 +72,9 @@ const POOL_METRICS: [PoolMetric; 8] = [
 ];
 
 /// Renders the agent's metrics in the OpenMetrics text format.
-pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
+pub fn render(local: &LocalApi, overlay: &OverlayView) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
+    let claims = local.claims();
     let pool_stats = claims.pool_stats();
     let per_tenant = |registry: &mut Registry, name: &str, help: &str| {
         let family = Family::<TenantLabels, U64Gauge>::default();
@@ -104,7 +106,7 @@ pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
         "particle_agent_overlay_fdb",
         "VXLAN FDB entries of remote VTEPs",
     );
-    for (tenant, c) in claims.overlay_counts() {
+    for (tenant, c) in overlay.counts() {
         let l = TenantLabels { tenant };
         routes.get_or_create(&l).set(c.routes as u64);
         neighbours.get_or_create(&l).set(c.neighbours as u64);
@@ -126,7 +128,7 @@ pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
             g,
         );
     }
-    let (requests, request_errors) = claims.request_counts();
+    let (requests, request_errors) = local.request_counts();
     let gauge = |registry: &mut Registry, name: &str, help: &str, value: u64| {
         let g = U64Gauge::default();
         g.set(value);
@@ -149,8 +151,8 @@ pub fn render(claims: &Claims) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-async fn metrics(State(claims): State<Arc<Claims>>) -> impl IntoResponse {
-    match render(&claims) {
+async fn metrics(State(sources): State<MetricsSources>) -> impl IntoResponse {
+    match render(&sources.local, &sources.overlay) {
         Ok(text) => (
             StatusCode::OK,
             [(
@@ -164,15 +166,23 @@ async fn metrics(State(claims): State<Arc<Claims>>) -> impl IntoResponse {
     }
 }
 
+/// What `/metrics` reads: the local API (pools, claims, its counters) and
+/// the overlay entries as last read from the kernel.
+#[derive(Clone)]
+pub struct MetricsSources {
+    pub local: Arc<LocalApi>,
+    pub overlay: Arc<OverlayView>,
+}
+
 /// Serves `/metrics`, and `api` beside it, on `listener`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    claims: Arc<Claims>,
+    sources: MetricsSources,
     api: Router,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(claims)
+        .with_state(sources)
         .merge(api);
     axum::serve(listener, app).await
 }

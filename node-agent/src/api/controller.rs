@@ -11,8 +11,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use particle_controller::api::{Reserved, Started};
-use particle_controller::http::{check_bearer, HttpError};
+use particle_wire::api::{Reserved, Started};
+use particle_wire::{check_bearer, HttpError};
 use serde::Deserialize;
 
 use crate::jobs::NodeJobs;

@@ -17,18 +17,9 @@ use serde::Serialize;
 
 pub use hyper::Method;
 
-/// Opens a TCP connection to the server.
+/// Opens a TCP connection to the server (`particle_net::NetNs::tcp_dialer`
+/// dials from inside a namespace).
 pub type Dial = Arc<dyn Fn(SocketAddr) -> io::Result<std::net::TcpStream> + Send + Sync>;
-
-/// Dials from inside network namespace `ns` (a simulated host's), whatever
-/// namespace the caller is in.
-pub fn dial_in(ns: particle_net::NetNs) -> Dial {
-    let ns = Arc::new(ns);
-    Arc::new(move |addr| {
-        ns.run_in(|| std::net::TcpStream::connect(addr))
-            .map_err(io::Error::other)?
-    })
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

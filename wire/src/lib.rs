@@ -1,0 +1,24 @@
+//! What every side of Particle speaks, so that the controller, the node
+//! agents, the CNI plugin, the `particle` command and the functions are
+//! peers that share a language rather than layers that import each other:
+//!
+//! - [`api`]: the controller's HTTP/JSON API and the agents' controller-facing one.
+//! - [`local`]: the agent's local Unix-socket API (runtimes, the CNI plugin, operators).
+//! - [`warm`]: the warm-connection protocol between functions and their agent,
+//!   and the agent-to-agent frames.
+//! - [`function_env`]: the launcher → function contract (`PARTICLE_*` variables).
+//! - [`client`] and [`http_error`] (feature `http`): the JSON-over-HTTP client
+//!   and the error every HTTP surface answers with.
+
+pub mod api;
+pub mod function_env;
+pub mod local;
+pub mod warm;
+
+#[cfg(feature = "http")]
+pub mod client;
+#[cfg(feature = "http")]
+pub mod http_error;
+
+#[cfg(feature = "http")]
+pub use http_error::{check_bearer, HttpError};
