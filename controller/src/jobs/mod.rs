@@ -8,15 +8,28 @@
 //! endpoint. Both calls go to all agents at once and cost microseconds per
 //! function on the agent; nothing on this path waits for the kernel unless a
 //! pool has run dry.
+//!
+//! The pieces: this file keeps the table of jobs and everything that
+//! changes a job once it runs; `launch` is the launch itself, step by step;
+//! `placement` picks the nodes and spreads the ranks over them;
+//! `agent_calls` are the batched calls to every agent at once.
+
+// The submodules take the API, client and HTTP error types through this
+// module's `use` lines (as `super::…`), so that moving those types elsewhere
+// changes those lines only.
+mod agent_calls;
+mod launch;
+mod placement;
+
+pub use launch::launch;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
-use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -370,248 +383,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The client's mistake: 400.
 fn bad(message: impl Into<String>) -> HttpError {
     HttpError::new(StatusCode::BAD_REQUEST, message)
-}
-
-/// An agent's refusal, passed on with the node's name; unreachable agents
-/// and server errors are 502.
-fn agent_error(node: &str, e: ClientError) -> HttpError {
-    match e.status() {
-        Some(s) if s.is_client_error() => HttpError::new(s, format!("node {node}: {e}")),
-        _ => HttpError::new(StatusCode::BAD_GATEWAY, format!("node {node}: {e}")),
-    }
-}
-
-/// `POST /v1/jobs`.
-pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
-    let start = Instant::now();
-    let started_unix_ms = unix_ms();
-    if req.functions == 0 {
-        return Err(bad("a job needs at least one function"));
-    }
-    if req.functions > MAX_FUNCTIONS {
-        return Err(bad(format!(
-            "{} functions is more than the {MAX_FUNCTIONS} one job may have",
-            req.functions
-        )));
-    }
-    let program = match req.command.argv.first() {
-        Some(p) if !p.is_empty() => p.clone(),
-        _ => return Err(bad("command.argv is empty: a job needs a program to run")),
-    };
-    let mut agents = {
-        let state = c.lock();
-        state.tenant(&req.tenant)?;
-        state.launchers()
-    };
-    if let Some(wanted) = &req.placement.nodes {
-        // The client's mistake, not a lack of nodes: 400, not the 503 below.
-        if wanted.is_empty() {
-            return Err(bad("placement.nodes is empty: name at least one node"));
-        }
-        if let Some(unknown) = wanted.iter().find(|n| !agents.iter().any(|(a, _)| a == *n)) {
-            return Err(bad(format!(
-                "placement names node {unknown:?}, which is not a live node that can launch"
-            )));
-        }
-        agents.retain(|(name, _)| wanted.contains(name));
-    }
-    if agents.is_empty() {
-        return Err(HttpError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no live node can launch functions",
-        ));
-    }
-    if let Some(max) = req.placement.max_per_node {
-        // Saturating: a max_per_node near usize::MAX means "no limit", not an overflow.
-        if max == 0 || req.functions > max.saturating_mul(agents.len()) {
-            return Err(bad(format!(
-                "{} functions do not fit {} nodes at {max} per node",
-                req.functions,
-                agents.len()
-            )));
-        }
-    }
-    let port = req.port.unwrap_or(DEFAULT_FUNCTION_PORT);
-    let id = c.jobs().new_id();
-    // Round-robin: neighbouring ranks land on different nodes.
-    let node_of = |rank: usize| rank % agents.len();
-    let mut ranks: Vec<Vec<usize>> = vec![Vec::new(); agents.len()];
-    for rank in 0..req.functions {
-        ranks[node_of(rank)].push(rank);
-    }
-    let client = |addr: SocketAddr| ApiClient::direct(addr, c.token().to_string());
-
-    // Agents busy with this launch are alive even if their heartbeats lag.
-    let _in_flight = c.in_flight(agents.iter().map(|(n, _)| n.clone()));
-    // 1. Reserve endpoints everywhere at once.
-    let reserves = agents.iter().zip(&ranks).map(|((node, addr), ranks)| {
-        let body = ReserveFunctions {
-            tenant: req.tenant.clone(),
-            ranks: ranks.clone(),
-            program: program.clone(),
-            runtime: req.runtime,
-        };
-        let path = format!("/v1/jobs/{id}/reserve");
-        let api = client(*addr);
-        async move {
-            let r: Result<Reserved, _> = api.call(Method::POST, &path, Some(&body)).await;
-            r.map_err(|e| agent_error(node, e))
-        }
-    });
-    let reserved = join_all(reserves).await;
-    // A refusal (bad command, unknown tenant on the node) fails the job
-    // before anything runs; an unreachable node only fails its functions.
-    if let Some(refusal) = reserved
-        .iter()
-        .find_map(|r| r.as_ref().err().filter(|e| e.status.is_client_error()))
-    {
-        let refusal = HttpError::new(refusal.status, refusal.message.clone());
-        release_all(c, &id, &agents).await;
-        return Err(refusal);
-    }
-    let mut functions: Vec<FunctionStatus> = (0..req.functions)
-        .map(|rank| FunctionStatus {
-            rank,
-            node: agents[node_of(rank)].0.clone(),
-            address: None,
-            state: FunctionState::Failed,
-            exit_code: None,
-            cold: false,
-            error: Some("no endpoint".into()),
-            output: None,
-        })
-        .collect();
-    let mut instances = BTreeMap::new();
-    for (result, (node, _)) in reserved.into_iter().zip(&agents) {
-        match result {
-            Ok(r) => {
-                if let Some(instance) = r.instance {
-                    instances.insert(node.clone(), instance);
-                }
-                for ep in r.endpoints {
-                    if let Some(f) = functions.get_mut(ep.rank) {
-                        f.address = ep.address;
-                        f.cold = ep.cold;
-                        f.error = ep.error;
-                        if ep.address.is_some() {
-                            f.state = FunctionState::Running;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                for f in functions.iter_mut().filter(|f| &f.node == node) {
-                    f.error = Some(e.message.clone());
-                }
-            }
-        }
-    }
-    let peers: Vec<String> = functions
-        .iter()
-        .map(|f| match f.address {
-            Some(a) => format!("{a}:{port}"),
-            None => format!("0.0.0.0:{port}"),
-        })
-        .collect();
-    let warm = functions
-        .iter()
-        .filter(|f| f.address.is_some() && !f.cold)
-        .count();
-    let cold = functions.iter().filter(|f| f.cold).count();
-    {
-        // Registered before the start so that early exits find the job.
-        let mut t = c.jobs().lock();
-        t.jobs.insert(
-            id.clone(),
-            JobRecord {
-                job: Job {
-                    id: id.clone(),
-                    tenant: req.tenant.clone(),
-                    state: JobState::Running,
-                    functions,
-                    warm,
-                    cold,
-                    launch_ms: 0.0,
-                    duration_ms: None,
-                },
-                started_unix_ms,
-                agents: agents.iter().cloned().collect(),
-                instances,
-            },
-        );
-    }
-
-    // 2. Start everywhere at once, every function knowing every peer.
-    let starts = agents.iter().map(|(node, addr)| {
-        let body = StartFunctions {
-            command: req.command.clone(),
-            runtime: req.runtime,
-            size: req.functions,
-            peers: peers.clone(),
-        };
-        let path = format!("/v1/jobs/{id}/start");
-        let api = client(*addr);
-        async move {
-            let r: Result<Started, _> = api.call(Method::POST, &path, Some(&body)).await;
-            (node.clone(), r)
-        }
-    });
-    let started = join_all(starts).await;
-    let launch_ms = ms(start.elapsed());
-    let mut t = c.jobs().lock();
-    let Some(record) = t.jobs.get_mut(&id) else {
-        return Err(HttpError::new(
-            StatusCode::GONE,
-            "the job was dropped during its launch",
-        ));
-    };
-    record.job.launch_ms = launch_ms;
-    for (node, result) in started {
-        match result {
-            Ok(s) => {
-                for failure in s.failed {
-                    if let Some(f) = record.job.functions.get_mut(failure.rank) {
-                        f.state = FunctionState::Failed;
-                        f.error = Some(failure.error);
-                    }
-                }
-            }
-            Err(e) => {
-                for f in record
-                    .job
-                    .functions
-                    .iter_mut()
-                    .filter(|f| f.node == node && f.state == FunctionState::Running)
-                {
-                    f.state = FunctionState::Failed;
-                    f.error = Some(format!("node {node}: {e}"));
-                }
-            }
-        }
-    }
-    let ended = settle(record).then(|| id.clone());
-    let job = record.job.clone();
-    retire(&mut t, ended.into_iter().collect());
-    drop(t);
-    c.jobs().notify();
-    tracing::info!(job = %job.id, functions = job.functions.len(), warm, cold, launch_ms, "job launched");
-    Ok(job)
-}
-
-/// Tells every agent to drop what it holds for job `id`.
-async fn release_all(c: &Controller, id: &str, agents: &[(String, SocketAddr)]) {
-    let calls = agents.iter().map(|(node, addr)| {
-        let api = ApiClient::direct(*addr, c.token().to_string());
-        let path = format!("/v1/jobs/{id}");
-        async move {
-            if let Err(e) = api.send::<()>(Method::DELETE, &path, None).await {
-                tracing::warn!("releasing job {id} on {node}: {e}");
-            }
-        }
-    });
-    join_all(calls).await;
 }
 
 /// `DELETE /v1/jobs/{id}`.
@@ -621,7 +395,7 @@ pub async fn cancel(c: &Controller, id: &str) -> Result<Job, HttpError> {
         .cancel(id)
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, format!("unknown job {id:?}")))?;
     let agents: Vec<(String, SocketAddr)> = agents.into_iter().collect();
-    release_all(c, id, &agents).await;
+    agent_calls::release_all(c, id, &agents).await;
     Ok(job)
 }
 

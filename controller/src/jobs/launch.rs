@@ -1,0 +1,231 @@
+//! `POST /v1/jobs`, step by step: check the request, choose the nodes,
+//! reserve endpoints on every agent, register the job, start it everywhere,
+//! record how the starts went.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+
+use super::agent_calls::{release_all, reserve_all, start_all};
+use super::placement::{choose_nodes, node_of, ranks_by_node};
+use super::{
+    bad, ms, retire, settle, unix_ms, ClientError, FunctionState, FunctionStatus, HttpError, Job,
+    JobRecord, JobState, Jobs, LaunchJob, Reserved, Started, DEFAULT_FUNCTION_PORT, MAX_FUNCTIONS,
+};
+use crate::Controller;
+
+/// `POST /v1/jobs`.
+pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
+    let start = Instant::now();
+    let started_unix_ms = unix_ms();
+    let program = check_request(&req)?;
+    let agents = choose_nodes(c, &req)?;
+    let port = req.port.unwrap_or(DEFAULT_FUNCTION_PORT);
+    let id = c.jobs().new_id();
+    let ranks = ranks_by_node(req.functions, agents.len());
+
+    // Agents busy with this launch are alive even if their heartbeats lag.
+    let _in_flight = c.in_flight(agents.iter().map(|(n, _)| n.clone()));
+    // 1. Reserve endpoints everywhere at once.
+    let reserved = reserve_all(c, &id, &req, &program, &agents, &ranks).await;
+    // A refusal (bad command, unknown tenant on the node) fails the job
+    // before anything runs; an unreachable node only fails its functions.
+    if let Some(refusal) = first_refusal(&reserved) {
+        release_all(c, &id, &agents).await;
+        return Err(refusal);
+    }
+    let (functions, instances) = reserved_functions(reserved, &agents, req.functions);
+    let peers = peer_addresses(&functions, port);
+    let record = running_record(&id, &req, functions, started_unix_ms, &agents, instances);
+    // Registered before the start so that early exits find the job.
+    c.jobs().lock().jobs.insert(id.clone(), record);
+
+    // 2. Start everywhere at once, every function knowing every peer.
+    let started = start_all(c, &id, &req, &peers, &agents).await;
+    let launch_ms = ms(start.elapsed());
+    let job = c.jobs().record_starts(&id, launch_ms, started)?;
+    tracing::info!(
+        job = %job.id,
+        functions = job.functions.len(),
+        warm = job.warm,
+        cold = job.cold,
+        launch_ms,
+        "job launched"
+    );
+    Ok(job)
+}
+
+/// What the request itself must get right; the program it runs.
+fn check_request(req: &LaunchJob) -> Result<String, HttpError> {
+    if req.functions == 0 {
+        return Err(bad("a job needs at least one function"));
+    }
+    if req.functions > MAX_FUNCTIONS {
+        return Err(bad(format!(
+            "{} functions is more than the {MAX_FUNCTIONS} one job may have",
+            req.functions
+        )));
+    }
+    match req.command.argv.first() {
+        Some(p) if !p.is_empty() => Ok(p.clone()),
+        _ => Err(bad("command.argv is empty: a job needs a program to run")),
+    }
+}
+
+/// The first agent's refusal of the reserve call, if any: a client error
+/// (4xx), as opposed to a node that could not be reached.
+fn first_refusal(reserved: &[Result<Reserved, HttpError>]) -> Option<HttpError> {
+    reserved
+        .iter()
+        .find_map(|r| r.as_ref().err().filter(|e| e.status.is_client_error()))
+        .map(|refusal| HttpError::new(refusal.status, refusal.message.clone()))
+}
+
+/// Every function's status once the agents reserved (`reserved`, one answer
+/// per agent): running where its node gave it an address, failed with the
+/// reason where not. Also the agent instance holding each node's functions.
+fn reserved_functions(
+    reserved: Vec<Result<Reserved, HttpError>>,
+    agents: &[(String, SocketAddr)],
+    functions: usize,
+) -> (Vec<FunctionStatus>, BTreeMap<String, String>) {
+    let mut functions: Vec<FunctionStatus> = (0..functions)
+        .map(|rank| FunctionStatus {
+            rank,
+            node: agents[node_of(rank, agents.len())].0.clone(),
+            address: None,
+            state: FunctionState::Failed,
+            exit_code: None,
+            cold: false,
+            error: Some("no endpoint".into()),
+            output: None,
+        })
+        .collect();
+    let mut instances = BTreeMap::new();
+    for (result, (node, _)) in reserved.into_iter().zip(agents) {
+        match result {
+            Ok(r) => {
+                if let Some(instance) = r.instance {
+                    instances.insert(node.clone(), instance);
+                }
+                for ep in r.endpoints {
+                    if let Some(f) = functions.get_mut(ep.rank) {
+                        f.address = ep.address;
+                        f.cold = ep.cold;
+                        f.error = ep.error;
+                        if ep.address.is_some() {
+                            f.state = FunctionState::Running;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                for f in functions.iter_mut().filter(|f| &f.node == node) {
+                    f.error = Some(e.message.clone());
+                }
+            }
+        }
+    }
+    (functions, instances)
+}
+
+/// Every rank's peer address (`PARTICLE_PEERS`), by rank; a function
+/// without an endpoint is `0.0.0.0`.
+fn peer_addresses(functions: &[FunctionStatus], port: u16) -> Vec<String> {
+    functions
+        .iter()
+        .map(|f| match f.address {
+            Some(a) => format!("{a}:{port}"),
+            None => format!("0.0.0.0:{port}"),
+        })
+        .collect()
+}
+
+/// The job as it is registered before its start: running, not yet timed.
+fn running_record(
+    id: &str,
+    req: &LaunchJob,
+    functions: Vec<FunctionStatus>,
+    started_unix_ms: u64,
+    agents: &[(String, SocketAddr)],
+    instances: BTreeMap<String, String>,
+) -> JobRecord {
+    let warm = functions
+        .iter()
+        .filter(|f| f.address.is_some() && !f.cold)
+        .count();
+    let cold = functions.iter().filter(|f| f.cold).count();
+    JobRecord {
+        job: Job {
+            id: id.to_string(),
+            tenant: req.tenant.clone(),
+            state: JobState::Running,
+            functions,
+            warm,
+            cold,
+            launch_ms: 0.0,
+            duration_ms: None,
+        },
+        started_unix_ms,
+        agents: agents.iter().cloned().collect(),
+        instances,
+    }
+}
+
+impl Jobs {
+    /// Records the launch's time and what the start calls answered (one
+    /// answer per node), ends the job if nothing of it runs, and tells
+    /// waiters; the job as it is then.
+    fn record_starts(
+        &self,
+        id: &str,
+        launch_ms: f64,
+        started: Vec<(String, Result<Started, ClientError>)>,
+    ) -> Result<Job, HttpError> {
+        let mut t = self.lock();
+        let Some(record) = t.jobs.get_mut(id) else {
+            return Err(HttpError::new(
+                StatusCode::GONE,
+                "the job was dropped during its launch",
+            ));
+        };
+        record.job.launch_ms = launch_ms;
+        for (node, result) in started {
+            record_start(record, &node, result);
+        }
+        let ended = settle(record).then(|| id.to_string());
+        let job = record.job.clone();
+        retire(&mut t, ended.into_iter().collect());
+        drop(t);
+        self.notify();
+        Ok(job)
+    }
+}
+
+/// Marks the functions `node`'s agent failed to start: those it names, or
+/// all it was running if the call itself failed.
+fn record_start(record: &mut JobRecord, node: &str, result: Result<Started, ClientError>) {
+    match result {
+        Ok(s) => {
+            for failure in s.failed {
+                if let Some(f) = record.job.functions.get_mut(failure.rank) {
+                    f.state = FunctionState::Failed;
+                    f.error = Some(failure.error);
+                }
+            }
+        }
+        Err(e) => {
+            for f in record
+                .job
+                .functions
+                .iter_mut()
+                .filter(|f| f.node == node && f.state == FunctionState::Running)
+            {
+                f.state = FunctionState::Failed;
+                f.error = Some(format!("node {node}: {e}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! Where a job's functions run: the nodes it may use, and its ranks spread
+//! round-robin over them.
+
+use std::net::SocketAddr;
+
+use axum::http::StatusCode;
+
+use super::{bad, HttpError, LaunchJob};
+use crate::Controller;
+
+/// The nodes (name, agent) that `req` launches on: every live node that can
+/// launch, or the ones its placement names, checked against the tenant and
+/// the placement's limit per node.
+pub(super) fn choose_nodes(
+    c: &Controller,
+    req: &LaunchJob,
+) -> Result<Vec<(String, SocketAddr)>, HttpError> {
+    let mut agents = {
+        let state = c.lock();
+        state.tenant(&req.tenant)?;
+        state.launchers()
+    };
+    if let Some(wanted) = &req.placement.nodes {
+        // The client's mistake, not a lack of nodes: 400, not the 503 below.
+        if wanted.is_empty() {
+            return Err(bad("placement.nodes is empty: name at least one node"));
+        }
+        if let Some(unknown) = wanted.iter().find(|n| !agents.iter().any(|(a, _)| a == *n)) {
+            return Err(bad(format!(
+                "placement names node {unknown:?}, which is not a live node that can launch"
+            )));
+        }
+        agents.retain(|(name, _)| wanted.contains(name));
+    }
+    if agents.is_empty() {
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no live node can launch functions",
+        ));
+    }
+    if let Some(max) = req.placement.max_per_node {
+        // Saturating: a max_per_node near usize::MAX means "no limit", not an overflow.
+        if max == 0 || req.functions > max.saturating_mul(agents.len()) {
+            return Err(bad(format!(
+                "{} functions do not fit {} nodes at {max} per node",
+                req.functions,
+                agents.len()
+            )));
+        }
+    }
+    Ok(agents)
+}
+
+/// The node (its index among `nodes` of them) that runs `rank`.
+/// Round-robin: neighbouring ranks land on different nodes.
+pub(super) fn node_of(rank: usize, nodes: usize) -> usize {
+    rank % nodes
+}
+
+/// The ranks of a job of `functions` on each of `nodes` nodes.
+pub(super) fn ranks_by_node(functions: usize, nodes: usize) -> Vec<Vec<usize>> {
+    let mut ranks: Vec<Vec<usize>> = vec![Vec::new(); nodes];
+    for rank in 0..functions {
+        ranks[node_of(rank, nodes)].push(rank);
+    }
+    ranks
+}

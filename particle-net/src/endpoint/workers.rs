@@ -1,0 +1,274 @@
+//! The factory's worker threads. Each lives in the factory's home namespace
+//! and builds its share of a batch in the three steps the module describes:
+//! namespaces, then veth pairs, then the inside of each endpoint.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use super::factory::{BuildPriority, EndpointFactory};
+use super::{EndpointError, EndpointSpec, ENDPOINT_IFINDEX, ENDPOINT_IFNAME};
+use crate::names::{IfName, RunPrefix};
+use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request, RequestError};
+use crate::netns::NetNs;
+
+/// One endpoint's build, as a worker reports it.
+pub(super) type BuildOutcome = Result<Built, EndpointError>;
+
+/// A worker's share of a batch: ids with their specs (`None`: tenant-free),
+/// and where the results go, tagged with the share's slot in the batch.
+pub(super) struct Job {
+    pub(super) items: Vec<(u64, Option<EndpointSpec>)>,
+    pub(super) reply: Sender<(usize, Vec<BuildOutcome>)>,
+    pub(super) slot: usize,
+    pub(super) priority: BuildPriority,
+}
+
+/// What a worker hands back: an endpoint with its address, or (for the
+/// tenant-free pool) one still without, with a socket kept inside for binding.
+pub(super) struct Built {
+    pub(super) id: u64,
+    pub(super) netns: NetNs,
+    pub(super) host_ifname: IfName,
+    pub(super) spec: Option<EndpointSpec>,
+    pub(super) socket: NetlinkSocket,
+}
+
+/// `n` failures saying why the worker could not build.
+pub(super) fn gone<T>(n: usize, why: &str) -> Vec<Result<T, EndpointError>> {
+    (0..n)
+        .map(|_| Err(EndpointError::WorkerGone(why.to_string())))
+        .collect()
+}
+
+/// A worker thread's life: enter the home namespace, then build each job
+/// that arrives at its priority, until the factory hangs up.
+pub(super) fn worker_main(
+    home: NetNs,
+    bridge: Option<u32>,
+    prefix: RunPrefix,
+    jobs: Receiver<Job>,
+) {
+    let setup = home
+        .enter_current_thread()
+        .map_err(EndpointError::from)
+        .and_then(|()| NetlinkSocket::open().map_err(EndpointError::from));
+    let mut host = match setup {
+        Ok(socket) => socket,
+        Err(e) => {
+            let why = e.to_string();
+            for job in jobs {
+                let _ = job.reply.send((job.slot, gone(job.items.len(), &why)));
+            }
+            return;
+        }
+    };
+    let mut nice = 0;
+    for job in jobs {
+        if job.priority.nice() != nice {
+            match crate::limits::set_current_thread_nice(job.priority.nice()) {
+                Ok(()) => nice = job.priority.nice(),
+                Err(e) => tracing::debug!("endpoint worker priority: {e}"),
+            }
+        }
+        let (results, home_lost) = build(&home, &mut host, bridge, &prefix, job.items);
+        let _ = job.reply.send((job.slot, results));
+        if home_lost {
+            // This thread is stranded in an endpoint's namespace; stop taking work.
+            tracing::error!("endpoint worker could not return to its home namespace");
+            return;
+        }
+    }
+}
+
+/// A half-built endpoint: its namespace and a socket inside it.
+struct Staged {
+    id: u64,
+    spec: Option<EndpointSpec>,
+    host_ifname: IfName,
+    netns: NetNs,
+    socket: NetlinkSocket,
+}
+
+/// Builds a worker's share of a batch. Returns the results and whether the
+/// thread failed to get back into its home namespace.
+fn build(
+    home: &NetNs,
+    host: &mut NetlinkSocket,
+    bridge: Option<u32>,
+    prefix: &RunPrefix,
+    items: Vec<(u64, Option<EndpointSpec>)>,
+) -> (Vec<BuildOutcome>, bool) {
+    let started = Instant::now();
+    let (mut results, staged, home_lost) = stage_namespaces(home, prefix, items);
+    let namespaces_done = started.elapsed();
+    let pairs = create_veth_pairs(host, bridge, &staged);
+    let pairs_done = started.elapsed();
+    configure_insides(staged, pairs, &mut results);
+    tracing::debug!(
+        endpoints = results.len(),
+        namespaces_us = namespaces_done.as_micros() as u64,
+        veth_pairs_us = (pairs_done - namespaces_done).as_micros() as u64,
+        inside_us = (started.elapsed() - pairs_done).as_micros() as u64,
+        "built a share of a batch"
+    );
+    let results = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(EndpointError::WorkerGone("no result".into()))))
+        .collect();
+    (results, home_lost)
+}
+
+/// Step 1: a namespace per item, each with a socket opened inside it.
+/// Returns a result slot per item (filled for those that failed already,
+/// empty for those staged), the staged ones with their slots, and whether
+/// the thread lost its home namespace (the items after that are not tried).
+fn stage_namespaces(
+    home: &NetNs,
+    prefix: &RunPrefix,
+    items: Vec<(u64, Option<EndpointSpec>)>,
+) -> (Vec<Option<BuildOutcome>>, Vec<(usize, Staged)>, bool) {
+    let mut results = Vec::with_capacity(items.len());
+    let mut staged = Vec::with_capacity(items.len());
+    let mut home_lost = false;
+    for (i, (id, spec)) in items.into_iter().enumerate() {
+        if home_lost {
+            results.push(Some(Err(EndpointError::WorkerGone(
+                "worker lost its home namespace".into(),
+            ))));
+            continue;
+        }
+        match stage(home, prefix, id, spec, &mut home_lost) {
+            Ok(s) => {
+                results.push(None);
+                staged.push((i, s));
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    (results, staged, home_lost)
+}
+
+/// One endpoint's namespace, made by moving this thread into a new one just
+/// long enough to open a socket there. Sets `home_lost` if the thread could
+/// not move back.
+fn stage(
+    home: &NetNs,
+    prefix: &RunPrefix,
+    id: u64,
+    spec: Option<EndpointSpec>,
+    home_lost: &mut bool,
+) -> Result<Staged, EndpointError> {
+    let host_ifname = EndpointFactory::host_ifname(prefix, id)?;
+    let netns = NetNs::unshare_current_thread()?;
+    let socket = NetlinkSocket::open();
+    // Back home before anything else, even if the socket failed.
+    if let Err(e) = home.enter_current_thread() {
+        *home_lost = true;
+        return Err(e.into());
+    }
+    Ok(Staged {
+        id,
+        spec,
+        host_ifname,
+        netns,
+        socket: socket?,
+    })
+}
+
+/// Step 2: the veth pairs, many per datagram, on the home socket. One
+/// outcome per staged endpoint; if the socket itself fails, they all fail.
+fn create_veth_pairs(
+    host: &mut NetlinkSocket,
+    bridge: Option<u32>,
+    staged: &[(usize, Staged)],
+) -> Vec<Result<(), RequestError>> {
+    let peer = IfName::new(ENDPOINT_IFNAME).expect("constant name is valid");
+    let pairs: Vec<Request> = staged
+        .iter()
+        .map(|(_, s)| veth_pair_request(s, bridge, &peer))
+        .collect();
+    match host.execute(&pairs) {
+        Ok(o) => o,
+        Err(e) => {
+            let why = e.to_string();
+            (0..pairs.len())
+                .map(|_| {
+                    Err(RequestError {
+                        what: "create veth".into(),
+                        source: std::io::Error::other(why.clone()),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// The request creating a staged endpoint's pair: the host end in the home
+/// namespace (on `bridge`, if any), the peer as `eth0` inside the endpoint.
+fn veth_pair_request(s: &Staged, bridge: Option<u32>, peer: &IfName) -> Request {
+    Request::create(
+        match s.spec {
+            Some(spec) => format!(
+                "create veth {} for endpoint {}",
+                s.host_ifname, spec.address
+            ),
+            None => format!("create veth {} for a tenant-free endpoint", s.host_ifname),
+        },
+        messages::veth_pair(
+            &s.host_ifname,
+            bridge,
+            peer,
+            std::os::fd::AsRawFd::as_raw_fd(&s.netns),
+            ENDPOINT_IFINDEX,
+        ),
+    )
+}
+
+/// Step 3: inside each endpoint whose pair exists, one datagram of four
+/// requests. Fills the staged endpoints' result slots.
+fn configure_insides(
+    staged: Vec<(usize, Staged)>,
+    pairs: Vec<Result<(), RequestError>>,
+    results: &mut [Option<BuildOutcome>],
+) {
+    for ((i, mut s), pair) in staged.into_iter().zip(pairs) {
+        let configured = pair
+            .map_err(EndpointError::from)
+            .and_then(|()| configure_inside(&mut s).map_err(EndpointError::from));
+        results[i] = Some(configured.map(|()| Built {
+            id: s.id,
+            netns: s.netns,
+            host_ifname: s.host_ifname,
+            spec: s.spec,
+            socket: s.socket,
+        }));
+        // On error `s.netns` drops here: the kernel removes what was built.
+    }
+}
+
+fn configure_inside(s: &mut Staged) -> Result<(), NetlinkError> {
+    let mut requests = vec![
+        Request::change("set lo up", messages::set_up(messages::LOOPBACK_INDEX)),
+        Request::change("set eth0 up", messages::set_up(ENDPOINT_IFINDEX)),
+    ];
+    if let Some(spec) = &s.spec {
+        requests.extend(address_requests(spec));
+    }
+    s.socket.execute_all(&requests)
+}
+
+/// The inside's address and default route (also what binding an unbound
+/// endpoint adds).
+pub(super) fn address_requests(spec: &EndpointSpec) -> [Request; 2] {
+    let addr = spec.address;
+    [
+        Request::create(
+            format!("add {addr} to eth0"),
+            messages::add_ipv4_address(ENDPOINT_IFINDEX, addr.ip(), addr.prefix()),
+        ),
+        Request::create(
+            format!("add default route via {}", spec.gateway),
+            messages::default_route(spec.gateway, ENDPOINT_IFINDEX),
+        ),
+    ]
+}
