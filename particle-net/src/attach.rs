@@ -17,7 +17,7 @@
 //! a veth pair made at attach time, one end on the tenant's (warm) bridge in
 //! its router namespace and the peer created straight inside the runtime's
 //! namespace under the runtime's name, no move at all; the address comes from
-//! the tenant's warm block. See the README for the numbers of both.
+//! the tenant's warm block. docs/bench-cni.md has the numbers of both.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;

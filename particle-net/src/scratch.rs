@@ -52,7 +52,7 @@ impl ScratchNode {
         })
     }
 
-    /// `n` simulated hosts on this namespace's bridge, as DESIGN.md's "one
+    /// `n` simulated hosts on this namespace's bridge, as docs/design.md's "one
     /// machine, many nodes" has them: each a namespace whose `eth0` is its
     /// underlay interface, with an address from this node's block.
     pub fn hosts(&mut self, n: usize) -> Result<Vec<Endpoint>, EndpointError> {

@@ -9,8 +9,9 @@
 //!
 //! For container runtimes (the CNI plugin):
 //! `{"op":"attach","network":"n","tenant":"a","container_id":"c","ifname":"eth0","netns":"/run/netns/x"}`
-//! → `{"ok":true,"attachment":{...}}`: a warm endpoint's interface moved into
-//! that namespace, addressed and routed; `{"op":"detach","container_id":"c","ifname":"eth0"}`
+//! → `{"ok":true,"attachment":{...}}`: an interface of the tenant's overlay in
+//! that namespace (`plug`: a new veth pair on the tenant's bridge; `move`: a
+//! warm endpoint's interface moved there), addressed and routed; `{"op":"detach","container_id":"c","ifname":"eth0"}`
 //! → `{"ok":true,"found":bool}` (unknown ones succeed); `{"op":"check",...}` →
 //! the attachment if it is intact; `{"op":"gc","network":"n","valid":[{"container_id":"c","ifname":"eth0"}]}`
 //! → `{"ok":true,"detached":[...]}`, every other attachment of that network detached.

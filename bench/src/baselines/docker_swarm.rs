@@ -3,7 +3,7 @@
 //! function a `docker run -d --network NET` that finds its peers by container
 //! name through Docker's embedded DNS.
 //!
-//! Every "host" is a network namespace (DESIGN.md's one machine, many nodes):
+//! Every "host" is a network namespace (docs/design.md's one machine, many nodes):
 //! dockerd runs inside it, so docker0, docker_gwbridge, the overlay's VXLAN
 //! and dockerd's iptables rules land in that namespace and the machine's own
 //! stay untouched. What dockerd still writes machine-wide (a trust key, a
