@@ -482,6 +482,7 @@ fn controller(args: ControllerArgs) -> Result<()> {
         state_file: settings.state_file,
         heartbeat_timeout: std::time::Duration::from_secs_f64(settings.heartbeat_timeout),
         long_poll_max: particle_controller::DEFAULT_LONG_POLL_MAX,
+        quotas: Default::default(),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {

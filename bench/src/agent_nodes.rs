@@ -74,6 +74,7 @@ impl AgentNodes {
             state_file: None,
             heartbeat_timeout: Duration::from_secs(3),
             long_poll_max: Duration::from_secs(5),
+            quotas: Default::default(),
         };
         {
             let _entered = runtime.enter();

@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -25,7 +25,7 @@ use particle_wire::api::{
     RegisterNode, Tenant, WarmTarget,
 };
 use particle_wire::client::{ApiClient, Method};
-use particle_wire::{check_bearer, HttpError};
+use particle_wire::{require_bearer, HttpError};
 
 impl From<StateError> for HttpError {
     fn from(e: StateError) -> Self {
@@ -33,6 +33,7 @@ impl From<StateError> for HttpError {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Quota => StatusCode::FORBIDDEN,
         };
         Self::new(status, e.to_string())
     }
@@ -65,9 +66,10 @@ fn parse_json<T: DeserializeOwned>(body: &RequestBody) -> Result<T, HttpError> {
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
-/// The whole API. `/v1` routes need the bearer token; `/metrics` and
-/// `/healthz` do not.
+/// The whole API. `/v1` routes and `/metrics` (tenant names, pool levels
+/// per node) need the bearer token; only `/healthz` does not.
 pub fn router(controller: Controller) -> Router {
+    let token: std::sync::Arc<str> = controller.token().into();
     let v1 = Router::new()
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/tenants/{name}", get(get_tenant).delete(delete_tenant))
@@ -83,14 +85,11 @@ pub fn router(controller: Controller) -> Router {
         .route("/v1/agents/register", post(register))
         .route("/v1/agents/{node}/heartbeat", post(heartbeat))
         .route("/v1/agents/{node}/overlay", get(overlay))
+        .route("/metrics", get(metrics))
         // route_layer: unknown /v1 paths still get a plain 404.
-        .route_layer(middleware::from_fn_with_state(
-            controller.clone(),
-            require_token,
-        ));
+        .route_layer(middleware::from_fn_with_state(token, require_bearer));
     Router::new()
         .merge(v1)
-        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -107,18 +106,6 @@ async fn count_requests(State(c): State<Controller>, req: Request, next: Next) -
     let response = next.run(req).await;
     c.metrics().count_request(response.status().as_u16());
     response
-}
-
-async fn require_token(
-    State(c): State<Controller>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
-    match check_bearer(&headers, c.token()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn create_tenant(

@@ -52,6 +52,8 @@ pub struct ControllerConfig {
     pub heartbeat_timeout: Duration,
     /// Upper bound of an overlay long poll (25 s in production; short in tests).
     pub long_poll_max: Duration,
+    /// What users may create (tenants, warm targets).
+    pub quotas: state::Quotas,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +140,8 @@ impl Controller {
                 state
             }
             None => ControllerState::new(),
-        };
+        }
+        .with_quotas(config.quotas);
         let (version_tx, _) = watch::channel(state.version());
         Ok(Self {
             inner: Arc::new(Inner {
@@ -292,14 +295,18 @@ pub async fn serve_with_shutdown(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    if let Err(e) = particle_net::limits::raise_open_files() {
+        tracing::warn!("raising the open-file limit: {e}");
+    }
     let controller = Controller::new(&config)?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %config.listen, %local, state_file = ?config.state_file, "controller serving");
     let app = router(controller.clone());
     // Both in one future: dropping `serve` also stops the expiry loop, so
     // an aborted controller never writes the store again.
+    let limits = particle_wire::http_server::ServeLimits::default();
     tokio::select! {
-        res = axum::serve(listener, app).with_graceful_shutdown(shutdown) => {
+        res = particle_wire::http_server::serve(listener, app, limits, shutdown) => {
             res?;
         }
         () = controller.expiry_loop() => {}

@@ -22,6 +22,24 @@ use particle_wire::api::{
 /// Block size used when a tenant does not ask for one.
 pub const DEFAULT_BLOCK_PREFIX: u8 = 24;
 
+/// What one controller lets its users create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Tenants at once.
+    pub max_tenants: usize,
+    /// Warm endpoints per tenant per node a tenant may ask for.
+    pub max_warm_per_node: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            max_tenants: 256,
+            max_warm_per_node: 4096,
+        }
+    }
+}
+
 /// How an error should be reported to a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -31,6 +49,8 @@ pub enum ErrorKind {
     NotFound,
     /// It is well-formed but clashes with the current state (409).
     Conflict,
+    /// It is over a quota (403): refused, nothing changed.
+    Quota,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +81,28 @@ pub enum StateError {
     NoFreeBlock { tenant: String, source: IpamError },
     #[error("stored state is inconsistent: {0}")]
     Corrupt(String),
+    #[error("subnet {subnet} overlaps the {what} range {range}")]
+    ReservedSubnet {
+        subnet: Ipv4Network,
+        what: &'static str,
+        range: Ipv4Network,
+    },
+    #[error("subnet {subnet} holds node {node:?}'s underlay address {ip}")]
+    UnderlaySubnet {
+        subnet: Ipv4Network,
+        node: String,
+        ip: Ipv4Addr,
+    },
+    #[error("node {node:?}'s underlay address {ip} is inside tenant {tenant:?}'s subnet")]
+    UnderlayInTenant {
+        node: String,
+        ip: Ipv4Addr,
+        tenant: String,
+    },
+    #[error("at most {max} tenants: delete one first")]
+    TooManyTenants { max: usize },
+    #[error("warm_per_node {asked} is over the limit of {max}")]
+    WarmTooLarge { asked: usize, max: usize },
 }
 
 impl StateError {
@@ -70,12 +112,16 @@ impl StateError {
             | Self::InvalidVni(_)
             | Self::InvalidSubnet(_)
             | Self::InvalidBlockPrefix(_)
+            | Self::ReservedSubnet { .. }
+            | Self::UnderlaySubnet { .. }
             | Self::Corrupt(_) => ErrorKind::Invalid,
+            Self::TooManyTenants { .. } | Self::WarmTooLarge { .. } => ErrorKind::Quota,
             Self::UnknownTenant(_) | Self::UnknownNode(_) => ErrorKind::NotFound,
             Self::TenantExists(_)
             | Self::VniInUse { .. }
             | Self::SubnetOverlap(_)
             | Self::UnderlayIpTaken { .. }
+            | Self::UnderlayInTenant { .. }
             | Self::NoFreeBlock { .. } => ErrorKind::Conflict,
         }
     }
@@ -138,11 +184,53 @@ pub struct ControllerState {
     /// All tenants' subnets, for the overlap check.
     subnets: DisjointNetworks,
     nodes: BTreeMap<String, NodeEntry>,
+    quotas: Quotas,
 }
 
 impl ControllerState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same rules with other quotas.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    fn check_warm(&self, per_node: Option<usize>) -> Result<(), StateError> {
+        match per_node {
+            Some(asked) if asked > self.quotas.max_warm_per_node => Err(StateError::WarmTooLarge {
+                asked,
+                max: self.quotas.max_warm_per_node,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A tenant subnet must stay clear of the kernel's special ranges and of
+    /// every node's underlay address (a tenant route there would take the
+    /// node's own traffic).
+    fn check_subnet(&self, subnet: Ipv4Network) -> Result<(), StateError> {
+        if let Some((what, range)) = particle_net::ipam::reserved_overlap(subnet) {
+            return Err(StateError::ReservedSubnet {
+                subnet,
+                what,
+                range,
+            });
+        }
+        match self
+            .nodes
+            .iter()
+            .find(|(_, n)| subnet.contains(n.underlay_ip))
+        {
+            Some((node, n)) => Err(StateError::UnderlaySubnet {
+                subnet,
+                node: node.clone(),
+                ip: n.underlay_ip,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Increases on every change to tenants or nodes (not on heartbeats:
@@ -166,9 +254,16 @@ impl ControllerState {
             return Err(StateError::InvalidVni(req.vni));
         }
         let subnet = parse_network(&req.subnet).map_err(StateError::InvalidSubnet)?;
+        self.check_subnet(subnet)?;
+        self.check_warm(req.warm_per_node)?;
         let block_prefix = req.block_prefix.unwrap_or(DEFAULT_BLOCK_PREFIX);
         let mut ipam =
             TenantSubnet::new(subnet, block_prefix).map_err(StateError::InvalidBlockPrefix)?;
+        if self.tenants.len() >= self.quotas.max_tenants && !self.tenants.contains_key(&req.name) {
+            return Err(StateError::TooManyTenants {
+                max: self.quotas.max_tenants,
+            });
+        }
         if self.tenants.contains_key(&req.name) {
             return Err(StateError::TenantExists(req.name.clone()));
         }
@@ -209,6 +304,7 @@ impl ControllerState {
 
     /// Sets how many warm endpoints every node keeps for the tenant.
     pub fn set_warm(&mut self, name: &str, per_node: Option<usize>) -> Result<Tenant, StateError> {
+        self.check_warm(per_node)?;
         let entry = self
             .tenants
             .get_mut(name)
@@ -294,6 +390,17 @@ impl ControllerState {
             return Err(StateError::UnderlayIpTaken {
                 ip: underlay_ip,
                 node: other.clone(),
+            });
+        }
+        if let Some((tenant, _)) = self
+            .tenants
+            .iter()
+            .find(|(_, t)| t.subnet.contains(underlay_ip))
+        {
+            return Err(StateError::UnderlayInTenant {
+                node: name.to_string(),
+                ip: underlay_ip,
+                tenant: tenant.clone(),
             });
         }
         if let Some(entry) = self.nodes.get_mut(name) {

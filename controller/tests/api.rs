@@ -98,7 +98,9 @@ async fn blocks_are_assigned_both_ways_and_overlays_list_other_nodes() {
 
     // Heartbeats feed the pool metric.
     assert_eq!(heartbeat(s.addr, "n1").await.status, 204);
-    let metrics = raw(s.addr, "GET", "/metrics", None, "").await;
+    // Metrics name tenants and their pools: not for strangers.
+    assert_eq!(raw(s.addr, "GET", "/metrics", None, "").await.status, 401);
+    let metrics = raw(s.addr, "GET", "/metrics", Some(TOKEN), "").await;
     assert_eq!(metrics.status, 200);
     for needle in [
         "particle_controller_nodes 3",
@@ -418,7 +420,86 @@ async fn bad_requests_get_4xx_with_error_body_and_change_nothing() {
     assert_eq!(std::fs::read(&file).unwrap(), stored, "store rewritten");
     let nodes: Vec<Node> = call(s.addr, "GET", "/v1/nodes", "").await.json();
     assert_eq!(nodes.len(), 1);
-    let metrics = raw(s.addr, "GET", "/metrics", None, "").await.body;
+    let metrics = raw(s.addr, "GET", "/metrics", Some(TOKEN), "").await.body;
     assert!(metrics.contains("particle_controller_requests_total{status=\"401\"} 3"));
     let _ = std::fs::remove_dir_all(file.parent().unwrap());
+}
+
+/// Inputs a hostile or careless caller sends: each is refused with a 4xx
+/// that says why, and nothing changes.
+#[tokio::test]
+async fn special_ranges_the_underlay_and_quotas_are_refused() {
+    let quotas = particle_controller::state::Quotas {
+        max_tenants: 2,
+        max_warm_per_node: 64,
+    };
+    let s = start(Opts {
+        quotas,
+        ..Opts::default()
+    })
+    .await;
+    register(s.addr, "n1", "10.200.0.5").await;
+    let create = |name: &str, vni: u32, subnet: &str| {
+        format!(r#"{{"name":"{name}","vni":{vni},"subnet":"{subnet}"}}"#)
+    };
+    for (subnet, why) in [
+        ("127.0.0.0/16", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/16", "multicast"),
+        ("0.0.0.0/8", "this network"),
+        ("240.0.0.0/8", "reserved"),
+        ("10.200.0.0/16", "underlay address 10.200.0.5"),
+    ] {
+        let e = call(s.addr, "POST", "/v1/tenants", &create("a", 7, subnet))
+            .await
+            .expect_error(400);
+        assert!(e.contains(why), "{subnet}: {e}");
+    }
+    // A warm target past the limit, whether at creation or later.
+    let e = call(
+        s.addr,
+        "POST",
+        "/v1/tenants",
+        r#"{"name":"a","vni":7,"subnet":"10.1.0.0/16","warm_per_node":18446744073709551615}"#,
+    )
+    .await
+    .expect_error(403);
+    assert!(e.contains("limit of 64"), "{e}");
+    assert!(tenants(s.addr).await.is_empty());
+    create_tenant(s.addr, "a", 7, "10.1.0.0/16").await;
+    let e = call(
+        s.addr,
+        "PUT",
+        "/v1/tenants/a/warm",
+        r#"{"per_node":18446744073709551615}"#,
+    )
+    .await
+    .expect_error(403);
+    assert!(e.contains("limit"), "{e}");
+    // A node whose underlay address is inside a tenant's subnet.
+    let e = call(
+        s.addr,
+        "POST",
+        "/v1/agents/register",
+        r#"{"node":"n2","underlay_ip":"10.1.9.9"}"#,
+    )
+    .await
+    .expect_error(409);
+    assert!(e.contains("inside tenant"), "{e}");
+    // The tenant quota: a third is refused until one is deleted.
+    create_tenant(s.addr, "b", 8, "10.2.0.0/16").await;
+    let e = call(
+        s.addr,
+        "POST",
+        "/v1/tenants",
+        &create("c", 9, "10.3.0.0/16"),
+    )
+    .await
+    .expect_error(403);
+    assert!(e.contains("at most 2 tenants"), "{e}");
+    assert_eq!(
+        call(s.addr, "DELETE", "/v1/tenants/b", "").await.status,
+        204
+    );
+    create_tenant(s.addr, "c", 9, "10.3.0.0/16").await;
 }

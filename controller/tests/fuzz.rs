@@ -147,7 +147,7 @@ async fn world(f: &Fuzzed) -> World {
     let addr = f.server.addr;
     let nodes: Vec<Node> = call(addr, "GET", "/v1/nodes", "").await.json();
     let jobs: Vec<JobSummary> = call(addr, "GET", "/v1/jobs", "").await.json();
-    let metrics = raw(addr, "GET", "/metrics", None, "").await;
+    let metrics = raw(addr, "GET", "/metrics", Some(TOKEN), "").await;
     assert_eq!(metrics.status, 200, "{}", metrics.body);
     let version = metrics
         .body
@@ -1090,7 +1090,7 @@ fn parse_cidr(s: &str) -> (u32, u8) {
 /// What the API promises for a tenant creation, worked out independently:
 /// 400 for a request that is wrong in itself, 409 for one that clashes with
 /// the tenants and nodes there are, else 201.
-fn expected_status(t: &TenantRequest, tenants: &[Tenant], nodes: usize) -> u16 {
+fn expected_status(t: &TenantRequest, tenants: &[Tenant], nodes: &[NodeView]) -> u16 {
     let name_ok = (1..=32).contains(&t.name.len())
         && t.name.starts_with(|c: char| c.is_ascii_lowercase())
         && t.name
@@ -1102,6 +1102,27 @@ fn expected_status(t: &TenantRequest, tenants: &[Tenant], nodes: usize) -> u16 {
     if !name_ok || t.vni == 0 || t.vni > 0xFF_FFFF || ip & !mask(prefix) != 0 || !block_ok {
         return 400;
     }
+    // Loopback, link-local, multicast, "this network", reserved: never a tenant's.
+    let special = [
+        (0u32, 8u8),
+        (127 << 24, 8),
+        (0xA9FE_0000, 16),
+        (0xE000_0000, 4),
+        (0xF000_0000, 4),
+    ];
+    let touches = |(sip, sp): (u32, u8)| {
+        let m = mask(prefix.min(sp));
+        ip & m == sip & m
+    };
+    let holds_underlay = nodes
+        .iter()
+        .any(|n| u32::from(n.underlay_ip) & mask(prefix) == ip);
+    if special.into_iter().any(touches) || holds_underlay {
+        return 400;
+    }
+    if tenants.len() >= particle_controller::state::Quotas::default().max_tenants {
+        return 403;
+    }
     let overlaps = tenants.iter().any(|o| {
         let (oip, op) = parse_cidr(&o.subnet);
         let m = mask(prefix.min(op));
@@ -1110,7 +1131,7 @@ fn expected_status(t: &TenantRequest, tenants: &[Tenant], nodes: usize) -> u16 {
     let blocks = 1u64 << (block - prefix);
     if tenants.iter().any(|o| o.name == t.name || o.vni == t.vni)
         || overlaps
-        || blocks < nodes as u64
+        || blocks < nodes.len() as u64
     {
         return 409;
     }
@@ -1132,7 +1153,7 @@ fn tenant_creation_matches_the_rules() {
             }
             let r = call(f.server.addr, "POST", "/v1/tenants", &body.to_string()).await;
             check_answer(&r, &t)?;
-            let expected = expected_status(&t, &before.tenants, before.nodes.len());
+            let expected = expected_status(&t, &before.tenants, &before.nodes);
             prop_assert_eq!(r.status, expected, "{:?}: {}", t, r.body);
             let after = world(&f).await;
             if r.status != 201 {

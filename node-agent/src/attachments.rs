@@ -107,7 +107,7 @@ fn key(container_id: &str, ifname: &str) -> AttachmentKey {
 }
 
 fn open_netns(path: &str) -> Result<NetNs, AttachmentError> {
-    NetNs::open(path).map_err(|e| AttachmentError::Netns {
+    NetNs::open_foreign(path).map_err(|e| AttachmentError::Netns {
         path: path.to_string(),
         reason: e.to_string(),
     })

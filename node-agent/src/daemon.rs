@@ -56,6 +56,11 @@ pub async fn run_with_warm(
     listeners: Listeners,
     warm: Option<WarmConfig>,
 ) -> std::io::Result<()> {
+    // Pools and callers hold descriptors; the agent's own caps, not the
+    // kernel's limit, must be what a flood meets.
+    if let Err(e) = particle_net::limits::raise_open_files() {
+        tracing::warn!("raising the open-file limit: {e}");
+    }
     let state = NodeState::new(config.node.clone(), &node).map_err(std::io::Error::other)?;
     let claims = Arc::new(Claims::new(state.free_pool()));
     let local_api =
@@ -95,7 +100,8 @@ pub async fn run_with_warm(
             instance,
         },
     );
-    let api = controller::router(jobs.clone(), client.token());
+    let token = client.token().to_string();
+    let api = controller::router(jobs.clone(), &token);
     let reporter = tokio::spawn(report_exits(
         client.clone(),
         config.node_name.clone(),
@@ -149,7 +155,7 @@ pub async fn run_with_warm(
             overlay: overlay_view.clone(),
         };
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::api::metrics::serve(listener, sources, api).await {
+            if let Err(e) = crate::api::metrics::serve(listener, sources, &token, api).await {
                 tracing::error!("agent HTTP listener: {e}");
             }
         }));

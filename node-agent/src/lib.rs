@@ -4,7 +4,8 @@
 //! ([`claims`], the one claim path, with the [`free_pool`] and the
 //! [`attachments`] lent to runtimes), launches functions ([`jobs`],
 //! [`launcher`]), keeps warm TCP connections for them ([`warm_connections`]),
-//! and serves its API surfaces ([`api`]).
+//! and serves its API surfaces ([`api`]), telling callers apart by what the
+//! kernel says of them ([`peer`]).
 
 pub mod api;
 pub mod attachments;
@@ -14,6 +15,7 @@ pub mod free_pool;
 pub mod jobs;
 pub mod launcher;
 pub mod node_state;
+pub mod peer;
 pub mod warm_connections;
 
 pub use node_state::{AgentError, NodeConfig, NodeState};

@@ -139,6 +139,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
         state_file: None,
         heartbeat_timeout: Duration::from_millis(800),
         long_poll_max: Duration::from_secs(5),
+        quotas: Default::default(),
     };
     let controller = tokio::spawn(particle_controller::serve(
         config,
@@ -206,7 +207,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     // leave every node with one route, neighbour and FDB entry per other node.
     let more: Vec<_> = claim_many(&agents[1].socket, "a", 12).await;
     for (i, agent) in agents.iter().enumerate() {
-        let scrape = ApiClient::new(agent.metrics, String::new(), dial_from(hosts[i].netns()));
+        let scrape = ApiClient::new(agent.metrics, TOKEN.into(), dial_from(hosts[i].netns()));
         let deadline = Instant::now() + WAIT;
         loop {
             let text = scrape
@@ -229,11 +230,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     assert_eq!(more.len(), 12);
 
     // Each agent reports its pools to Prometheus and in its heartbeats.
-    let scrape = ApiClient::new(
-        agents[1].metrics,
-        String::new(),
-        dial_from(hosts[1].netns()),
-    );
+    let scrape = ApiClient::new(agents[1].metrics, TOKEN.into(), dial_from(hosts[1].netns()));
     let text = scrape
         .send::<()>(hyper::Method::GET, "/metrics", None)
         .await

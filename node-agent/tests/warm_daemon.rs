@@ -114,6 +114,7 @@ async fn the_daemon_hands_warm_connections_to_its_claimed_endpoints_by_tenant() 
             state_file: None,
             heartbeat_timeout: Duration::from_secs(5),
             long_poll_max: Duration::from_secs(5),
+            quotas: Default::default(),
         },
         tokio::net::TcpListener::from_std(listener).unwrap(),
     ));

@@ -45,6 +45,26 @@ pub enum IpamError {
     NotAllocated(Ipv4Addr),
 }
 
+/// Ranges no tenant subnet may touch: the kernel treats them specially
+/// (loopback, link-local, multicast, "this network", reserved and broadcast),
+/// so an overlay there breaks its node or loops.
+pub const RESERVED_RANGES: [(&str, [u8; 4], u8); 5] = [
+    ("this network", [0, 0, 0, 0], 8),
+    ("loopback", [127, 0, 0, 0], 8),
+    ("link-local", [169, 254, 0, 0], 16),
+    ("multicast", [224, 0, 0, 0], 4),
+    ("reserved and broadcast", [240, 0, 0, 0], 4),
+];
+
+/// The reserved range `net` overlaps, if any (see [`RESERVED_RANGES`]).
+pub fn reserved_overlap(net: Ipv4Network) -> Option<(&'static str, Ipv4Network)> {
+    RESERVED_RANGES.iter().find_map(|&(what, ip, prefix)| {
+        let range = Ipv4Network::new(ip.into(), prefix).ok()?;
+        let overlaps = range.contains(net.network()) || net.contains(range.network());
+        overlaps.then_some((what, range))
+    })
+}
+
 /// Parses a CIDR that must name a network exactly (no host bits).
 pub fn parse_network(input: &str) -> Result<Ipv4Network, IpamError> {
     let given: Ipv4Network = input

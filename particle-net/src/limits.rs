@@ -3,11 +3,24 @@
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
-/// Raises the soft open-file limit to the hard limit: every pooled endpoint
-/// holds its namespace by fd, and the default soft limit (1024) is smaller than
-/// a warm pool for a large burst. Returns the new soft limit.
+/// Open files a node process asks for: every pooled endpoint holds its
+/// namespace by fd, and every caller of its sockets holds one more.
+pub const WANTED_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the open-file limit: the default soft limit (1024) is smaller than
+/// a warm pool for a large burst, and a flood of connections must meet the
+/// agent's own caps, not the kernel's. Root may raise the hard limit too (up
+/// to `fs.nr_open`); others get their hard limit. Returns the new soft limit.
 pub fn raise_open_files() -> std::io::Result<u64> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let wanted = WANTED_OPEN_FILES.min(ceiling).max(hard);
+    if wanted > hard && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        return Ok(wanted);
+    }
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }

@@ -38,6 +38,10 @@ pub enum NetNsError {
     Dup(#[source] io::Error),
     #[error("namespace worker thread panicked")]
     ThreadPanicked,
+    #[error("{path} is not a network namespace")]
+    NotNetNs { path: PathBuf },
+    #[error("{path} is a namespace of this process's own (the node's, an endpoint's or a router's), not the caller's")]
+    Ours { path: PathBuf },
 }
 
 /// A network namespace, held by fd and optionally bind-mounted at a path.
@@ -45,6 +49,28 @@ pub enum NetNsError {
 pub struct NetNs {
     fd: OwnedFd,
     mount: Option<PathBuf>,
+    /// Its inode, if this process manages it ([`Self::into_managed`]).
+    managed: Option<u64>,
+}
+
+/// `NS_GET_NSTYPE` from linux/nsfs.h: `_IO(0xb7, 0x3)`.
+const NS_GET_NSTYPE: nix::libc::Ioctl = 0xb703;
+
+/// Namespaces this process manages (endpoints, tenant routers, nodes), by
+/// nsfs inode, with how many handles hold each: what a caller may never
+/// name as its own (see [`NetNs::open_foreign`]).
+static MANAGED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u64, usize>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn managed() -> std::sync::MutexGuard<'static, std::collections::HashMap<u64, usize>> {
+    MANAGED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether the namespace with this nsfs inode is one this process manages.
+pub fn is_managed(inode: u64) -> bool {
+    managed().contains_key(&inode)
 }
 
 /// Opens a TCP connection from inside a namespace.
@@ -67,6 +93,7 @@ impl NetNs {
         Ok(Self {
             fd: file.into(),
             mount: None,
+            managed: None,
         })
     }
 
@@ -103,6 +130,35 @@ impl NetNs {
     /// Moves the calling thread into this namespace.
     pub(crate) fn enter_current_thread(&self) -> Result<(), NetNsError> {
         setns(&self.fd, CloneFlags::CLONE_NEWNET).map_err(|e| NetNsError::Enter(e.into()))
+    }
+
+    /// Opens a network namespace a caller names (a container runtime's), and
+    /// refuses one that is not a network namespace, this process's own, or
+    /// one it manages ([`Self::into_managed`]: every endpoint, tenant router
+    /// and node). A path like `/proc/<agent>/fd/N` must never lend a caller
+    /// another tenant's router or endpoint.
+    pub fn open_foreign(path: impl AsRef<Path>) -> Result<Self, NetNsError> {
+        let path = path.as_ref();
+        let ns = Self::open(path)?;
+        let open_err = |source| NetNsError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        // SAFETY: NS_GET_NSTYPE takes no argument and returns the type.
+        let kind = unsafe { nix::libc::ioctl(ns.fd.as_raw_fd(), NS_GET_NSTYPE) };
+        if kind != nix::libc::CLONE_NEWNET {
+            return Err(NetNsError::NotNetNs {
+                path: path.to_owned(),
+            });
+        }
+        let inode = ns.inode().map_err(open_err)?;
+        let own = fs::metadata("/proc/self/ns/net").map_err(open_err)?;
+        if is_managed(inode) || std::os::unix::fs::MetadataExt::ino(&own) == inode {
+            return Err(NetNsError::Ours {
+                path: path.to_owned(),
+            });
+        }
+        Ok(ns)
     }
 
     /// Runs `f` inside this namespace on a short-lived thread. Sockets opened in
@@ -186,10 +242,27 @@ impl NetNs {
 
     /// A second handle to the same namespace (never mounted).
     pub fn try_clone(&self) -> Result<Self, NetNsError> {
+        let fd = self.fd.try_clone().map_err(NetNsError::Dup)?;
+        if let Some(inode) = self.managed {
+            *managed().entry(inode).or_insert(0) += 1;
+        }
         Ok(Self {
-            fd: self.fd.try_clone().map_err(NetNsError::Dup)?,
+            fd,
             mount: None,
+            managed: self.managed,
         })
+    }
+
+    /// Marks this namespace as one this process manages: no caller may name
+    /// it as its own while a handle to it lives.
+    pub fn into_managed(mut self) -> Self {
+        if self.managed.is_none() {
+            if let Ok(inode) = self.inode() {
+                *managed().entry(inode).or_insert(0) += 1;
+                self.managed = Some(inode);
+            }
+        }
+        self
     }
 
     /// The namespace's identity (its nsfs inode), to tell namespaces apart.
@@ -243,6 +316,15 @@ impl AsRawFd for NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if let Some(inode) = self.managed {
+            let mut held = managed();
+            if let Some(n) = held.get_mut(&inode) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&inode);
+                }
+            }
+        }
         if let Err(e) = self.unmount() {
             tracing::warn!("{e}");
         }

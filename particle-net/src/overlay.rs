@@ -106,6 +106,7 @@ impl TenantNetwork {
                 .map_err(OverlayError::Forwarding)?;
             Ok::<_, OverlayError>(NetlinkSocket::open()?)
         })?;
+        let netns = netns.into_managed();
         let mut socket = inside?;
         let gateway = AddressBlock::new(block)?.gateway_cidr();
         let bridge = Bridge::create(

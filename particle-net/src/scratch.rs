@@ -25,6 +25,7 @@ pub struct ScratchNode {
 impl ScratchNode {
     pub fn new(prefix: &RunPrefix, block: AddressBlock) -> Result<Self, EndpointError> {
         let (netns, socket) = NetNs::create_with(NetlinkSocket::open)?;
+        let netns = netns.into_managed();
         let mut socket = socket?;
         // Traffic to the namespace's own addresses goes through loopback.
         socket.execute_all(&[crate::netlink::Request::change(

@@ -3,8 +3,12 @@
 //! [`ApiError`] body, `{"error": "..."}`. Domain errors convert into it where
 //! they are defined.
 
+use std::sync::Arc;
+
 use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -66,6 +70,15 @@ pub fn check_bearer(headers: &HeaderMap, token: &str) -> Result<(), HttpError> {
             StatusCode::UNAUTHORIZED,
             "missing Authorization: Bearer <token>",
         )),
+    }
+}
+
+/// Middleware (`axum::middleware::from_fn_with_state(token, require_bearer)`)
+/// letting through only requests that carry the bearer token.
+pub async fn require_bearer(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    match check_bearer(req.headers(), &token) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 

@@ -6,11 +6,14 @@
 //! - [`local`]: the agent's local Unix-socket API (runtimes, the CNI plugin, operators).
 //! - [`warm`]: the warm-connection protocol between functions and their agent,
 //!   and the agent-to-agent frames.
+//! - [`caps`]: bounds on the connections every server holds.
 //! - [`function_env`]: the launcher → function contract (`PARTICLE_*` variables).
-//! - [`client`] and [`http_error`] (feature `http`): the JSON-over-HTTP client
-//!   and the error every HTTP surface answers with.
+//! - [`client`], [`http_error`] and [`http_server`] (feature `http`): the
+//!   JSON-over-HTTP client, the error every HTTP surface answers with, and
+//!   the bounded server loop behind every HTTP API.
 
 pub mod api;
+pub mod caps;
 pub mod function_env;
 pub mod local;
 pub mod warm;
@@ -19,6 +22,8 @@ pub mod warm;
 pub mod client;
 #[cfg(feature = "http")]
 pub mod http_error;
+#[cfg(feature = "http")]
+pub mod http_server;
 
 #[cfg(feature = "http")]
-pub use http_error::{check_bearer, HttpError};
+pub use http_error::{check_bearer, require_bearer, HttpError};

@@ -32,6 +32,7 @@ pub struct Opts {
     pub state_file: Option<PathBuf>,
     pub heartbeat_timeout: Duration,
     pub long_poll_max: Duration,
+    pub quotas: particle_controller::state::Quotas,
 }
 
 impl Default for Opts {
@@ -40,6 +41,7 @@ impl Default for Opts {
             state_file: None,
             heartbeat_timeout: Duration::from_secs(60),
             long_poll_max: Duration::from_secs(2),
+            quotas: Default::default(),
         }
     }
 }
@@ -53,6 +55,7 @@ pub async fn start(opts: Opts) -> Server {
         state_file: opts.state_file,
         heartbeat_timeout: opts.heartbeat_timeout,
         long_poll_max: opts.long_poll_max,
+        quotas: opts.quotas,
     };
     let task = tokio::spawn(serve(config, listener));
     Server { addr, task }
@@ -189,7 +192,7 @@ pub async fn overlay(addr: SocketAddr, node: &str, since: u64) -> Resp {
 }
 
 pub async fn version(addr: SocketAddr) -> u64 {
-    let text = raw(addr, "GET", "/metrics", None, "").await.body;
+    let text = raw(addr, "GET", "/metrics", Some(TOKEN), "").await.body;
     text.lines()
         .find_map(|l| l.strip_prefix("particle_controller_overlay_version "))
         .unwrap()

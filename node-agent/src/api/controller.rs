@@ -5,14 +5,13 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use particle_wire::api::{Reserved, Started};
-use particle_wire::{check_bearer, HttpError};
+use particle_wire::{require_bearer, HttpError};
 use serde::Deserialize;
 
 use crate::jobs::NodeJobs;
@@ -33,20 +32,11 @@ pub fn router(jobs: Arc<NodeJobs>, token: &str) -> Router {
         .route("/v1/jobs/{id}/start", post(start))
         .route("/v1/jobs/{id}", delete(cancel))
         .route("/v1/jobs/{id}/functions/{rank}/output", get(output))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.token.clone(),
+            require_bearer,
+        ))
         .with_state(state)
-}
-
-async fn require_token(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
-    match check_bearer(&headers, &s.token) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, HttpError> {

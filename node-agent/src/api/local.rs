@@ -4,21 +4,28 @@
 //! runtimes through [`crate::attachments`].
 //!
 //! The socket is mode 0600 (root on the node only) and is the node's, never a
-//! function's: a caller whose network namespace is a claimed endpoint's is
-//! answered with an error and cut off.
+//! function's. Callers are identified fail-closed ([`identify`]): the peer's
+//! credentials must say root, the process must still be the one that
+//! connected (a pidfd, so a pid that exited or was reused cannot pass), and
+//! its network namespace must not be a claimed endpoint's; anything that
+//! cannot be read is refused. Connections are bounded in number, per caller
+//! and in idle time, so a flood cannot exhaust the agent's descriptors.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use particle_net::RunPrefix;
+use particle_wire::caps::ConnectionCaps;
 use particle_wire::local::{parse_request, LocalRequest, LocalResponse, MAX_LINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::attachments::{AttachRequest, Attachments};
 use crate::claims::Claims;
+use crate::peer;
 
 /// What the local socket serves: the node's claims and the endpoints lent to
 /// runtimes, with its request counters.
@@ -156,18 +163,43 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the local API until the listener fails. The API is the node's
-/// (runtimes, the CNI plugin, operators), never a function's: a caller whose
-/// network namespace is a claimed endpoint's is answered with an error and
-/// cut off, whatever the socket file's permissions let through.
+/// Connections served at once; more are answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Connections one caller process may hold at once.
+pub const MAX_PER_CALLER: usize = 16;
+/// A connection that sends no request for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves the local API until the task is dropped. The API is the node's
+/// (runtimes, the CNI plugin, operators), never a function's, whatever the
+/// socket file's permissions let through: see [`identify`]. An accept that
+/// fails (out of descriptors, say) is retried, never fatal.
 pub async fn serve(listener: UnixListener, api: Arc<LocalApi>) -> std::io::Result<()> {
+    let caps = Arc::new(ConnectionCaps::new(MAX_CONNECTIONS, MAX_PER_CALLER));
     loop {
-        let (stream, _) = listener.accept().await?;
-        let api = api.clone();
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("local API accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (api, caps) = (api.clone(), caps.clone());
         tokio::spawn(async move {
-            let result = match function_caller(&stream, api.claims()) {
-                Some(tenant) => refuse(stream, &tenant).await,
-                None => connection(stream, api).await,
+            let result = match identify(&stream, api.claims()) {
+                Caller::Node { pid } => match caps.enter(pid) {
+                    Some(_slot) => connection(stream, api).await,
+                    None => refuse(stream, "too many connections to the agent's local API").await,
+                },
+                Caller::Function { tenant } => {
+                    tracing::warn!(tenant, "a function called the agent's local API: refused");
+                    refuse(stream, "the agent's local API does not serve functions").await
+                }
+                Caller::Unknown { reason } => {
+                    tracing::warn!("local API caller refused: {reason}");
+                    refuse(stream, &format!("caller not identified: {reason}")).await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!("local API connection: {e}");
@@ -176,18 +208,34 @@ pub async fn serve(listener: UnixListener, api: Arc<LocalApi>) -> std::io::Resul
     }
 }
 
-/// The tenant whose function is at the other end, if it is one.
-fn function_caller(stream: &UnixStream, claims: &Claims) -> Option<String> {
-    let cred = stream.peer_cred().ok()?;
-    let inode = std::fs::metadata(format!("/proc/{}/ns/net", cred.pid()?))
-        .ok()?
-        .ino();
-    claims.tenant_of_netns(inode)
+/// Who is at the other end of a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Root on the node, outside every endpoint: served.
+    Node { pid: i32 },
+    /// A process in a claimed endpoint of `tenant`: refused.
+    Function { tenant: String },
+    /// Anything that could not be established: refused (fail closed).
+    Unknown { reason: String },
 }
 
-async fn refuse(mut stream: UnixStream, tenant: &str) -> std::io::Result<()> {
-    tracing::warn!(tenant, "a function called the agent's local API: refused");
-    let response = LocalResponse::error("the agent's local API does not serve functions");
+/// Identifies the caller, failing closed (see [`crate::peer`]): root on the
+/// node outside every claimed endpoint is served, anything else is not.
+pub fn identify(stream: &UnixStream, claims: &Claims) -> Caller {
+    match peer::identify(stream) {
+        Err(reason) => Caller::Unknown { reason },
+        Ok(p) if p.uid != 0 => Caller::Unknown {
+            reason: format!("uid {} is not root on the node", p.uid),
+        },
+        Ok(p) => match claims.tenant_of_netns(p.netns) {
+            Some(tenant) => Caller::Function { tenant },
+            None => Caller::Node { pid: p.pid },
+        },
+    }
+}
+
+async fn refuse(mut stream: UnixStream, why: &str) -> std::io::Result<()> {
+    let response = LocalResponse::error(why);
     let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
     out.push(b'\n');
     stream.write_all(&out).await
@@ -199,10 +247,12 @@ async fn connection(stream: UnixStream, api: Arc<LocalApi>) -> std::io::Result<(
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut lines)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
+        let mut limited = (&mut lines).take(MAX_LINE as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let Ok(n) = tokio::time::timeout(IDLE_TIMEOUT, read).await else {
+            return Ok(()); // idle too long: its descriptor is worth more to others
+        };
+        let n = n?;
         if n == 0 {
             return Ok(());
         }

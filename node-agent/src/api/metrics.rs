@@ -174,15 +174,23 @@ pub struct MetricsSources {
     pub overlay: Arc<OverlayView>,
 }
 
-/// Serves `/metrics`, and `api` beside it, on `listener`.
+/// Serves `/metrics` (bearer token required: it names tenants and their
+/// pools), and `api` beside it, on `listener`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     sources: MetricsSources,
+    token: &str,
     api: Router,
 ) -> std::io::Result<()> {
+    let token: Arc<str> = token.into();
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            token,
+            particle_wire::require_bearer,
+        ))
         .with_state(sources)
         .merge(api);
-    axum::serve(listener, app).await
+    let limits = particle_wire::http_server::ServeLimits::default();
+    particle_wire::http_server::serve(listener, app, limits, std::future::pending()).await
 }

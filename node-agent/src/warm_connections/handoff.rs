@@ -13,7 +13,7 @@ use std::time::Instant;
 use particle_net::warm::fdpass::FdLines;
 use particle_wire::warm::{WarmRequest, WarmResponse};
 
-use super::health::{check_clean, peer_netns_inode, socket_inode};
+use super::health::{check_clean, socket_inode};
 use super::*;
 
 impl Shared {
@@ -163,8 +163,9 @@ impl Shared {
     }
 
     /// One client of the Unix socket, until it hangs up.
-    pub(super) fn serve_client(self: &Arc<Self>, stream: UnixStream) {
-        let caller_ns = peer_netns_inode(&stream).ok();
+    /// Serves one function's connection; `caller_ns` is its namespace as
+    /// [`crate::peer::identify`] found it (`None`: refusals only).
+    pub(super) fn serve_client(self: &Arc<Self>, stream: UnixStream, caller_ns: Option<u64>) {
         let tracked = self.track(&stream);
         let mut lines = FdLines::new(stream);
         while let Ok(Some(line)) = lines.recv() {

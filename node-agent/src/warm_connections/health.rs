@@ -4,7 +4,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 
 use nix::libc;
 
@@ -105,15 +104,6 @@ pub fn check_clean(fd: BorrowedFd<'_>) -> Result<(), Dirty> {
 pub fn socket_inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let fd = fd.try_clone_to_owned()?;
     Ok(std::fs::File::from(fd).metadata()?.ino())
-}
-
-/// The network namespace (its nsfs inode) of the process at the other end
-/// of a Unix socket. Unix sockets are not namespaced, so anyone can connect;
-/// what they are is read from the kernel, never from the request.
-pub fn peer_netns_inode(stream: &UnixStream) -> io::Result<u64> {
-    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(io::Error::from)?;
-    Ok(std::fs::metadata(format!("/proc/{}/ns/net", cred.pid()))?.ino())
 }
 
 #[cfg(test)]

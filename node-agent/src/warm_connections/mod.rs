@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use particle_net::NetNs;
+use particle_wire::caps::ConnectionCaps;
 use particle_wire::warm::WarmStats;
 
 mod config;
@@ -32,6 +33,12 @@ mod maintainer;
 pub mod peers;
 
 use health::check_clean;
+
+/// Warm-socket connections served at once, in all and per caller namespace.
+const MAX_CLIENTS: usize = 1024;
+const MAX_CLIENTS_PER_CALLER: usize = 16;
+/// A warm-socket connection idle this long is closed.
+const CLIENT_IDLE: Duration = Duration::from_secs(60);
 
 pub use config::{TenantOf, WarmConfig, WarmDestination, WarmPoolError, ANY_TENANT};
 
@@ -269,6 +276,9 @@ impl WarmService {
             shared.clone(),
             service.unix.try_clone().map_err(WarmPoolError::Thread)?,
         );
+        // Functions reach this socket: each connection costs a thread, so
+        // they are capped per caller namespace and in all, and idle ones close.
+        let caps = ConnectionCaps::new(MAX_CLIENTS, MAX_CLIENTS_PER_CALLER);
         service.threads.push(spawn(
             "warm-accept",
             Box::new(move || {
@@ -276,11 +286,26 @@ impl WarmService {
                     if s.stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let Ok(stream) = stream else { continue };
+                    let Ok(stream) = stream else {
+                        // Out of descriptors, say: let some close.
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    // Unidentified callers get no tenant, so nothing but refusals.
+                    let caller_ns = crate::peer::identify(&stream).ok().map(|p| p.netns);
+                    let Some(permit) = caps.enter(caller_ns) else {
+                        continue; // over a cap: closed at once
+                    };
+                    if stream.set_read_timeout(Some(CLIENT_IDLE)).is_err() {
+                        continue;
+                    }
                     let s = s.clone();
                     let spawned = std::thread::Builder::new()
                         .name("warm-client".into())
-                        .spawn(move || s.serve_client(stream));
+                        .spawn(move || {
+                            let _permit = permit;
+                            s.serve_client(stream, caller_ns)
+                        });
                     if let Err(e) = spawned {
                         tracing::warn!("warm client thread: {e}");
                     }

@@ -159,7 +159,7 @@ fn stage(
     home_lost: &mut bool,
 ) -> Result<Staged, EndpointError> {
     let host_ifname = EndpointFactory::host_ifname(prefix, id)?;
-    let netns = NetNs::unshare_current_thread()?;
+    let netns = NetNs::unshare_current_thread()?.into_managed();
     let socket = NetlinkSocket::open();
     // Back home before anything else, even if the socket failed.
     if let Err(e) = home.enter_current_thread() {
