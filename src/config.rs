@@ -1,165 +1,30 @@
-//! Settings of the long-running commands: a YAML file (`--config`) whose keys
-//! are the flags' names with `_`, and flags that override it key by key.
+//! What the long-running commands (`particle controller`, `particle agent`)
+//! share: their settings come from flags and from a YAML file (`--config`)
+//! whose keys are the flags' names with `_`, flags overriding it key by key
+//! ([`resolve`]); each command declares its settings once, as one struct that
+//! is both its clap flags and its serde keys ([`crate::controller::ControllerSettings`],
+//! [`crate::agent::AgentSettings`]), and applies its defaults in that
+//! struct's methods.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControllerSettings {
-    #[serde(default = "default_controller_listen")]
-    pub listen: SocketAddr,
-    pub token_file: PathBuf,
-    #[serde(default)]
-    pub state_file: Option<PathBuf>,
-    /// Seconds.
-    #[serde(
-        default = "default_heartbeat_timeout",
-        deserialize_with = "positive_seconds"
-    )]
-    pub heartbeat_timeout: f64,
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
+/// A command's settings: flags (clap) and file keys (serde) in one struct.
+/// Its `Serialize` leaves out the flags that were not given.
+pub trait Settings: Serialize + DeserializeOwned {
+    /// The `--config` file, if given.
+    fn file(&self) -> Option<&Path>;
+    /// Refuses settings that lack a required key.
+    fn check(&self) -> Result<()>;
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentSettings {
-    pub node: String,
-    pub controller: SocketAddr,
-    pub token_file: PathBuf,
-    pub underlay_iface: String,
-    pub underlay_ip: Ipv4Addr,
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-    #[serde(default = "default_agent_socket")]
-    pub socket: PathBuf,
-    #[serde(default = "default_pool_size")]
-    pub pool_size: usize,
-    #[serde(default = "default_free_pool_size")]
-    pub free_pool_size: usize,
-    #[serde(default)]
-    pub metrics_listen: Option<SocketAddr>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-    /// The OCI runtime jobs may ask for; default: runc if installed.
-    #[serde(default = "default_oci_runtime")]
-    pub oci_runtime: Option<PathBuf>,
-    /// Serve warm connections on this Unix socket (off when unset).
-    #[serde(default)]
-    pub warm_socket: Option<PathBuf>,
-    /// Port of the agent-to-agent warm listener, on the underlay address.
-    #[serde(default = "default_warm_port")]
-    pub warm_port: u16,
-    /// Connections kept per destination, idle or lent.
-    #[serde(default = "default_warm_pool_size")]
-    pub warm_pool_size: usize,
-    /// External services to keep warm: `ADDR` (every tenant) or `ADDR=TENANT,TENANT`.
-    #[serde(default)]
-    pub warm_destinations: Vec<String>,
-    /// Keep-warm probe period on agent-to-agent connections, ms (0: none).
-    #[serde(default)]
-    pub warm_probe_ms: u64,
-}
-
-impl AgentSettings {
-    /// The warm-connection service's config, if `warm_socket` turns it on.
-    pub fn warm_config(&self) -> Result<Option<particle_node_agent::warm_connections::WarmConfig>> {
-        let Some(socket) = &self.warm_socket else {
-            return Ok(None);
-        };
-        let mut c = particle_node_agent::warm_connections::WarmConfig::new(socket.clone());
-        c.listen = Some(SocketAddr::from((self.underlay_ip, self.warm_port)));
-        c.pool_size = self.warm_pool_size.max(1);
-        // Saturating: a huge warm_pool_size must not overflow (a panic in debug builds).
-        c.max_idle = c.pool_size.saturating_mul(2);
-        c.destinations = self
-            .warm_destinations
-            .iter()
-            .map(|d| warm_destination(d))
-            .collect::<Result<_>>()?;
-        c.probe_every =
-            (self.warm_probe_ms > 0).then(|| std::time::Duration::from_millis(self.warm_probe_ms));
-        // The agent owns its node's namespace: an idle warm connection keeps its window.
-        c.slow_start_after_idle_off = true;
-        Ok(Some(c))
-    }
-}
-
-/// `ADDR` or `ADDR=TENANT,TENANT`.
-pub fn warm_destination(s: &str) -> Result<particle_node_agent::warm_connections::WarmDestination> {
-    let (addr, tenants) = match s.split_once('=') {
-        Some((a, t)) => (a, t.split(',').map(|t| t.trim().to_string()).collect()),
-        None => (
-            s,
-            vec![particle_node_agent::warm_connections::ANY_TENANT.to_string()],
-        ),
-    };
-    let addr = addr
-        .trim()
-        .parse()
-        .with_context(|| format!("warm destination {s:?}: expected ADDR:PORT[=TENANT,...]"))?;
-    if tenants.iter().any(String::is_empty) {
-        anyhow::bail!("warm destination {s:?}: empty tenant name");
-    }
-    Ok(particle_node_agent::warm_connections::WarmDestination { addr, tenants })
-}
-
-fn default_warm_port() -> u16 {
-    7702
-}
-
-fn default_warm_pool_size() -> usize {
-    4
-}
-
-fn default_controller_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7700))
-}
-
-fn default_heartbeat_timeout() -> f64 {
-    10.0
-}
-
-/// Positive seconds that fit a `Duration`: checked here, where the value is
-/// read, because `Duration::from_secs_f64` panics on NaN, negatives and
-/// anything too large (1e300 passed a finite-and-positive check).
-fn positive_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    let seconds = f64::deserialize(d)?;
-    if seconds > 0.0 && std::time::Duration::try_from_secs_f64(seconds).is_ok() {
-        Ok(seconds)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "expected a positive number of seconds that fits a duration, found {seconds}"
-        )))
-    }
-}
-
-fn default_agent_socket() -> PathBuf {
-    PathBuf::from("/run/particle/agent.sock")
-}
-
-fn default_oci_runtime() -> Option<PathBuf> {
-    ["/usr/sbin/runc", "/usr/bin/runc"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
-fn default_pool_size() -> usize {
-    32
-}
-
-fn default_free_pool_size() -> usize {
-    16
-}
-
-/// The file's settings with the flags' on top, checked as a whole.
-pub fn resolve<T: DeserializeOwned>(file: Option<&Path>, flags: &impl Serialize) -> Result<T> {
+/// The settings of `flags`' `--config` file with the flags on top, checked
+/// as a whole.
+pub fn resolve<T: Settings>(flags: &T) -> Result<T> {
+    let file = flags.file();
     let text = match file {
         Some(path) => {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
@@ -172,7 +37,7 @@ pub fn resolve<T: DeserializeOwned>(file: Option<&Path>, flags: &impl Serialize)
     })
 }
 
-fn merge<T: DeserializeOwned>(yaml: &str, flags: &impl Serialize) -> Result<T> {
+fn merge<T: Settings>(yaml: &str, flags: &T) -> Result<T> {
     let mut settings = if yaml.trim().is_empty() {
         serde_json::Map::new()
     } else {
@@ -184,47 +49,115 @@ fn merge<T: DeserializeOwned>(yaml: &str, flags: &impl Serialize) -> Result<T> {
     if let serde_json::Value::Object(flags) = serde_json::to_value(flags)? {
         settings.extend(flags);
     }
-    Ok(serde_json::from_value(serde_json::Value::Object(settings))?)
+    let settings: T = serde_json::from_value(serde_json::Value::Object(settings))?;
+    settings.check()?;
+    Ok(settings)
+}
+
+/// A required setting's value, or the error that names it.
+pub fn required<'a, T>(value: &'a Option<T>, key: &str) -> Result<&'a T> {
+    value
+        .as_ref()
+        .ok_or_else(|| anyhow!("missing field `{key}`"))
+}
+
+/// Positive seconds that fit a `Duration`: checked here, where the value is
+/// read, because `Duration::from_secs_f64` panics on NaN, negatives and
+/// anything too large (1e300 passed a finite-and-positive check).
+pub fn positive_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    let seconds = f64::deserialize(d)?;
+    if seconds > 0.0 && std::time::Duration::try_from_secs_f64(seconds).is_ok() {
+        Ok(Some(seconds))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "expected a positive number of seconds that fits a duration, found {seconds}"
+        )))
+    }
+}
+
+/// Moves the whole process into a network namespace. Called while the process
+/// has one thread: every socket and thread made later is then in it, as on a
+/// real host.
+pub fn enter_netns(path: Option<&Path>) -> Result<()> {
+    if let Some(path) = path {
+        let ns = particle_net::NetNs::open(path)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The bearer token in `path` (trimmed; an empty file is an error).
+pub fn read_token(path: &Path) -> Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token from {}", path.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!token.is_empty(), "{} holds no token", path.display());
+    Ok(token)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::{warm_destination, AgentSettings};
+    use crate::controller::ControllerSettings;
+    use std::path::PathBuf;
 
-    #[derive(Serialize)]
-    struct Flags {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pool_size: Option<usize>,
+    /// Flags that set `pool_size` (or nothing).
+    fn flags(pool_size: Option<usize>) -> AgentSettings {
+        AgentSettings {
+            pool_size,
+            ..Default::default()
+        }
     }
 
     const AGENT: &str = "node: n1\ncontroller: 10.0.0.1:7700\ntoken_file: /t\nunderlay_iface: eth0\nunderlay_ip: 10.0.0.2\npool_size: 8\n";
 
     #[test]
     fn file_settings_with_flags_on_top() {
-        let s: AgentSettings = merge(AGENT, &Flags { pool_size: None }).unwrap();
-        assert_eq!(s.pool_size, 8);
-        assert_eq!(s.socket, default_agent_socket());
-        let s: AgentSettings = merge(
-            AGENT,
-            &Flags {
-                pool_size: Some(64),
-            },
-        )
-        .unwrap();
-        assert_eq!(s.pool_size, 64);
-        let c: ControllerSettings = merge("token_file: /t\n", &Flags { pool_size: None }).unwrap();
-        assert_eq!(c.listen, default_controller_listen());
-        assert_eq!(c.heartbeat_timeout, 10.0);
+        let s = merge(AGENT, &flags(None)).unwrap();
+        assert_eq!(s.pool_size(), 8);
+        assert_eq!(s.socket(), PathBuf::from("/run/particle/agent.sock"));
+        let s = merge(AGENT, &flags(Some(64))).unwrap();
+        assert_eq!(s.pool_size(), 64);
+        let c = merge("token_file: /t\n", &ControllerSettings::default()).unwrap();
+        assert_eq!(c.listen(), "127.0.0.1:7700".parse().unwrap());
+        assert_eq!(c.heartbeat_timeout(), 10.0);
+    }
+
+    /// Defaults apply to what neither the file nor the flags set; a flag
+    /// given alone (no file) is enough for what it sets.
+    #[test]
+    fn defaults_fill_only_what_is_unset() {
+        let s = merge(AGENT, &flags(None)).unwrap();
+        assert_eq!(
+            (s.free_pool_size(), s.warm_port(), s.warm_pool_size()),
+            (16, 7702, 4)
+        );
+        assert_eq!(s.warm_probe_ms(), 0);
+        let all_flags = AgentSettings {
+            node: Some("n9".into()),
+            controller: Some("10.0.0.1:7700".parse().unwrap()),
+            token_file: Some("/t".into()),
+            underlay_iface: Some("eth0".into()),
+            underlay_ip: Some("10.0.0.2".parse().unwrap()),
+            ..flags(Some(3))
+        };
+        let s = merge("", &all_flags).unwrap();
+        assert_eq!((s.node().unwrap(), s.pool_size()), ("n9", 3));
+        let s = merge(AGENT, &all_flags).unwrap();
+        assert_eq!((s.node().unwrap(), s.pool_size()), ("n9", 3));
     }
 
     #[test]
     fn warm_settings() {
-        let s: AgentSettings = merge(AGENT, &Flags { pool_size: None }).unwrap();
+        let s = merge(AGENT, &flags(None)).unwrap();
         assert!(s.warm_config().unwrap().is_none());
         let yaml = format!(
             "{AGENT}warm_socket: /run/w.sock\nwarm_destinations: [\"10.0.0.9:80=a,b\", \"10.0.0.8:5432\"]\n"
         );
-        let s: AgentSettings = merge(&yaml, &Flags { pool_size: None }).unwrap();
+        let s = merge(&yaml, &flags(None)).unwrap();
         let w = s.warm_config().unwrap().unwrap();
         assert_eq!(w.listen, Some("10.0.0.2:7702".parse().unwrap()));
         assert_eq!(w.destinations[0].tenants, ["a", "b"]);
@@ -236,20 +169,19 @@ mod tests {
 
     #[test]
     fn bad_settings_are_refused_clearly() {
-        let none = Flags { pool_size: None };
-        let e = merge::<AgentSettings>("node: n1\n", &none).unwrap_err();
+        let none = ControllerSettings::default();
+        let e = merge("node: n1\n", &flags(None)).unwrap_err();
         assert!(format!("{e:#}").contains("missing field"), "{e:#}");
-        let e = merge::<ControllerSettings>("token_file: /t\nlisten_on: x\n", &none).unwrap_err();
+        let e = merge("token_file: /t\nlisten_on: x\n", &none).unwrap_err();
         assert!(
             format!("{e:#}").contains("unknown field `listen_on`"),
             "{e:#}"
         );
-        let e =
-            merge::<ControllerSettings>("token_file: /t\nlisten: nowhere\n", &none).unwrap_err();
+        let e = merge("token_file: /t\nlisten: nowhere\n", &none).unwrap_err();
         assert!(format!("{e:#}").contains("invalid socket address"), "{e:#}");
-        let e = merge::<ControllerSettings>("- a\n- b\n", &none).unwrap_err();
+        let e = merge("- a\n- b\n", &none).unwrap_err();
         assert!(format!("{e:#}").contains("expected a mapping"), "{e:#}");
-        assert!(merge::<ControllerSettings>("key: [unclosed\n", &none).is_err());
+        assert!(merge("key: [unclosed\n", &none).is_err());
     }
 }
 
@@ -258,8 +190,11 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
+    use crate::agent::{warm_destination, AgentSettings};
+    use crate::controller::ControllerSettings;
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
+    use std::net::{Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
     fn config(cases: u32) -> Config {
@@ -269,20 +204,6 @@ mod fuzz {
             failure_persistence: None,
             ..Config::default()
         }
-    }
-
-    #[derive(Debug, Clone, Serialize)]
-    struct ControllerFlags {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        heartbeat_timeout: Option<f64>,
-    }
-
-    #[derive(Debug, Clone, Serialize)]
-    struct AgentFlags {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pool_size: Option<usize>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        warm_pool_size: Option<usize>,
     }
 
     /// A YAML scalar or small structure of any kind, as text.
@@ -401,7 +322,10 @@ mod fuzz {
             any::<f64>(),
             prop::sample::select(vec![1e300, -1.0, 0.0, f64::NAN, 0.5]),
         ])
-        .prop_map(|heartbeat_timeout| ControllerFlags { heartbeat_timeout });
+        .prop_map(|heartbeat_timeout| ControllerSettings {
+            heartbeat_timeout,
+            ..Default::default()
+        });
         // Often with the one required key, so the others are reached.
         let text = prop_oneof![
             1 => yaml(CONTROLLER_KEYS),
@@ -409,9 +333,12 @@ mod fuzz {
         ];
         TestRunner::new(config(1500))
             .run(&(text, flags), |(text, flags)| {
-                let path = scratch.write(&text);
-                if let Ok(s) = resolve::<ControllerSettings>(Some(path), &flags) {
-                    let t = s.heartbeat_timeout;
+                let flags = ControllerSettings {
+                    config: Some(scratch.write(&text).to_path_buf()),
+                    ..flags
+                };
+                if let Ok(s) = resolve(&flags) {
+                    let t = s.heartbeat_timeout();
                     prop_assert!(t > 0.0 && Duration::try_from_secs_f64(t).is_ok(), "{t}");
                     if let Some(f) = flags.heartbeat_timeout {
                         prop_assert_eq!(t, f);
@@ -433,9 +360,10 @@ mod fuzz {
                 prop::sample::select(vec![usize::MAX, usize::MAX / 2 + 1])
             ])
         };
-        let flags = (size(), size()).prop_map(|(pool_size, warm_pool_size)| AgentFlags {
+        let flags = (size(), size()).prop_map(|(pool_size, warm_pool_size)| AgentSettings {
             pool_size,
             warm_pool_size,
+            ..Default::default()
         });
         // Often a complete agent file, so the fields after the required ones are reached.
         let text = prop_oneof![
@@ -447,15 +375,18 @@ mod fuzz {
         ];
         TestRunner::new(config(1500))
             .run(&(text, flags), |(text, flags)| {
-                let path = scratch.write(&text);
-                let Ok(s) = resolve::<AgentSettings>(Some(path), &flags) else {
+                let flags = AgentSettings {
+                    config: Some(scratch.write(&text).to_path_buf()),
+                    ..flags
+                };
+                let Ok(s) = resolve(&flags) else {
                     return Ok(());
                 };
                 if let Some(n) = flags.pool_size {
-                    prop_assert_eq!(s.pool_size, n);
+                    prop_assert_eq!(s.pool_size(), n);
                 }
                 if let Some(n) = flags.warm_pool_size {
-                    prop_assert_eq!(s.warm_pool_size, n);
+                    prop_assert_eq!(s.warm_pool_size(), n);
                 }
                 let parsed: Vec<Result<_>> = s
                     .warm_destinations
@@ -488,10 +419,6 @@ mod fuzz {
             prop::option::of(any::<u16>()),
             prop::collection::vec(destination(), 0..3),
         );
-        let none = AgentFlags {
-            pool_size: None,
-            warm_pool_size: None,
-        };
         TestRunner::new(config(500))
             .run(&settings, |(node, controller, ip, pool, port, dests)| {
                 let mut yaml = serde_json::json!({
@@ -504,14 +431,23 @@ mod fuzz {
                     yaml["warm_port"] = port.into();
                 }
                 let text = serde_norway::to_string(&yaml).unwrap();
-                let s: AgentSettings = resolve(Some(scratch.write(&text)), &none).unwrap();
+                let flags = AgentSettings {
+                    config: Some(scratch.write(&text).to_path_buf()),
+                    ..Default::default()
+                };
+                let s = resolve(&flags).unwrap();
                 prop_assert_eq!(
-                    (&s.node, s.controller, s.underlay_ip, s.pool_size),
-                    (&node, controller, ip, pool)
+                    (
+                        s.node().unwrap(),
+                        s.controller().unwrap(),
+                        s.underlay_ip().unwrap(),
+                        s.pool_size()
+                    ),
+                    (node.as_str(), controller, ip, pool)
                 );
-                prop_assert_eq!(s.warm_port, port.unwrap_or(7702));
+                prop_assert_eq!(s.warm_port(), port.unwrap_or(7702));
                 let w = s.warm_config().unwrap().unwrap();
-                prop_assert_eq!(w.listen, Some(SocketAddr::from((ip, s.warm_port))));
+                prop_assert_eq!(w.listen, Some(SocketAddr::from((ip, s.warm_port()))));
                 let got: Vec<_> = w
                     .destinations
                     .iter()
@@ -591,12 +527,10 @@ mod fuzz {
     /// Found by the properties above: each passed a check and panicked later.
     #[test]
     fn huge_numbers_are_refused_or_saturate() {
-        let none = ControllerFlags {
-            heartbeat_timeout: None,
-        };
+        let none = ControllerSettings::default();
         // (.inf and .nan are refused earlier: JSON has no such numbers.)
         for bad in ["1e300", "-1", "0", ".inf", ".nan"] {
-            let e = merge::<ControllerSettings>(
+            let e = merge(
                 &format!("token_file: /t\nheartbeat_timeout: {bad}\n"),
                 &none,
             )
@@ -608,11 +542,11 @@ mod fuzz {
         }
         let agent = "node: n1\ncontroller: 10.0.0.1:7700\ntoken_file: /t\n\
                      underlay_iface: eth0\nunderlay_ip: 10.0.0.2\nwarm_socket: /w\n";
-        let flags = AgentFlags {
-            pool_size: None,
+        let flags = AgentSettings {
             warm_pool_size: Some(usize::MAX),
+            ..Default::default()
         };
-        let s: AgentSettings = merge(agent, &flags).unwrap();
+        let s = merge(agent, &flags).unwrap();
         assert_eq!(s.warm_config().unwrap().unwrap().max_idle, usize::MAX);
     }
 }

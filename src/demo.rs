@@ -1,22 +1,19 @@
 //! `particle demo`: the video pipeline on a local cluster, end to end, with
-//! embedded defaults. It starts `particle cluster up` (the same machinery
-//! as the command, as a child that dies with us), creates a tenant, prewarms
-//! its pools, launches the pipeline through the burst launch API, checks the
-//! output by decoding it, prints a summary and writes the timeline plot.
+//! embedded defaults. It starts a local cluster (the machinery of `particle
+//! cluster up`, its processes children that die with us), creates a tenant,
+//! prewarms its pools, launches the pipeline through the burst launch API,
+//! checks the output by decoding it, prints a summary and writes the
+//! timeline plot. The run on Particle is the pipeline benchmark's
+//! (`particle_bench::pipeline::on_particle`).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use particle_bench::pipeline::{
-    evaluate, timeline_rows, FunctionRun, PipelineResult, PipelineSpec,
+    absolute, evaluate, on_particle, timeline_rows, video_program, PipelineResult, PipelineSpec,
+    PipelineTenant,
 };
-use particle_wire::api::{
-    CreateTenant, FunctionCommand, Job, JobState, LaunchJob, Node, Placement, RuntimeKind, Tenant,
-    WarmTarget,
-};
-use particle_wire::client::{ApiClient, Method};
-use particle_workloads::ring::now_ns;
+use particle_cluster::Options;
 use serde::Serialize;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -54,199 +51,6 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
-/// A local cluster for the demo and the benchmarks, in this process: warm
-/// endpoints per tenant per node `pool_size`, tenant-free ones `free_pool_size`.
-pub fn local_cluster(
-    nodes: usize,
-    port: u16,
-    underlay: &str,
-    pool_size: usize,
-    free_pool_size: usize,
-) -> Result<crate::cluster::LocalCluster> {
-    crate::cluster::LocalCluster::start(
-        &crate::cluster::UpOptions {
-            nodes,
-            underlay: underlay.to_string(),
-            port,
-            pool_size,
-            free_pool_size,
-            heartbeat_timeout: None,
-        },
-        false,
-    )
-}
-
-/// The `particle-video` binary next to this one (the function's program).
-pub fn video_program() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the particle binary")?;
-    let program = exe.with_file_name("particle-video");
-    if !program.exists() {
-        bail!(
-            "{} is missing: build it with `cargo build --release -p particle-video`",
-            program.display()
-        );
-    }
-    Ok(program)
-}
-
-/// An absolute path (functions do not share our working directory).
-pub fn absolute(path: &Path) -> Result<PathBuf> {
-    Ok(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(path)
-    })
-}
-
-/// Creates `tenant`, sets its warm target to cover the burst and waits
-/// until every node has that many endpoints ready.
-pub async fn prepare_tenant(
-    api: &ApiClient,
-    tenant: &str,
-    vni: u32,
-    subnet: &str,
-    per_node: usize,
-) -> Result<Duration> {
-    let _: Tenant = api
-        .call(
-            Method::POST,
-            "/v1/tenants",
-            Some(&CreateTenant {
-                name: tenant.into(),
-                vni,
-                subnet: subnet.into(),
-                block_prefix: None,
-                warm_per_node: Some(per_node),
-            }),
-        )
-        .await
-        .context("creating the tenant")?;
-    let _: Tenant = api
-        .call(
-            Method::PUT,
-            &format!("/v1/tenants/{tenant}/warm"),
-            Some(&WarmTarget {
-                per_node: Some(per_node),
-            }),
-        )
-        .await
-        .context("setting the warm target")?;
-    warm_up(api, tenant, per_node).await
-}
-
-/// Waits until every node has `per_node` endpoints of `tenant` ready.
-pub async fn warm_up(api: &ApiClient, tenant: &str, per_node: usize) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let nodes: Vec<Node> = api.call::<(), _>(Method::GET, "/v1/nodes", None).await?;
-        let ready: Vec<usize> = nodes
-            .iter()
-            .filter(|n| n.api_port.is_some())
-            .map(|n| n.pools.get(tenant).map_or(0, |p| p.ready))
-            .collect();
-        if !ready.is_empty() && ready.iter().all(|r| *r >= per_node) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > Duration::from_secs(300) {
-            bail!("pools not warm after 300 s: {ready:?} of {per_node} per node");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Launches the pipeline on `tenant` and waits for it; returns when it was
-/// submitted (wall ns), the job, and every function's run.
-pub async fn launch_pipeline(
-    api: &ApiClient,
-    tenant: &str,
-    spec: &PipelineSpec,
-    program: &Path,
-) -> Result<(u128, Job, Vec<FunctionRun>)> {
-    launch_job(
-        api,
-        tenant,
-        spec.argv(program),
-        spec.functions,
-        spec.timeout,
-    )
-    .await
-}
-
-/// Launches `functions` copies of `argv` on `tenant` through the launch API
-/// and waits for the job to end; fails unless every function exited 0.
-pub async fn launch_job(
-    api: &ApiClient,
-    tenant: &str,
-    argv: Vec<String>,
-    functions: usize,
-    timeout: Duration,
-) -> Result<(u128, Job, Vec<FunctionRun>)> {
-    let request = LaunchJob {
-        tenant: tenant.into(),
-        functions,
-        command: FunctionCommand {
-            argv,
-            env: Default::default(),
-        },
-        placement: Placement::default(),
-        runtime: RuntimeKind::Builtin,
-        port: None,
-    };
-    let submitted = now_ns();
-    let job: Job = api
-        .call(Method::POST, "/v1/jobs", Some(&request))
-        .await
-        .context("launching the job")?;
-    let deadline = Instant::now() + timeout + Duration::from_secs(30);
-    let job = loop {
-        let path = format!("/v1/jobs/{}?wait_s=5&output=true", job.id);
-        let job: Job = api.call::<(), _>(Method::GET, &path, None).await?;
-        if job.state != JobState::Running {
-            break job;
-        }
-        if Instant::now() > deadline {
-            let _: Result<Job, _> = api
-                .call::<(), _>(Method::DELETE, &format!("/v1/jobs/{}", job.id), None)
-                .await;
-            bail!("job {} did not end in time; cancelled", job.id);
-        }
-    };
-    if job.state != JobState::Succeeded {
-        let failed: Vec<String> = job
-            .functions
-            .iter()
-            .filter(|f| f.exit_code != Some(0))
-            .take(3)
-            .map(|f| {
-                format!(
-                    "rank {} on {}: {:?} {}\n{}",
-                    f.rank,
-                    f.node,
-                    f.exit_code,
-                    f.error.clone().unwrap_or_default(),
-                    f.output.clone().unwrap_or_default()
-                )
-            })
-            .collect();
-        bail!(
-            "job {} ended {:?}:\n{}",
-            job.id,
-            job.state,
-            failed.join("\n")
-        );
-    }
-    let runs = job
-        .functions
-        .iter()
-        .map(|f| FunctionRun {
-            rank: f.rank,
-            node: f.node.clone(),
-            stdout: f.output.clone().unwrap_or_default(),
-        })
-        .collect();
-    Ok((submitted, job, runs))
-}
-
 #[derive(Debug, Serialize)]
 struct DemoSummary {
     #[serde(flatten)]
@@ -280,33 +84,30 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let per_node = args.functions.div_ceil(args.nodes);
 
     eprintln!("starting a local cluster of {} nodes ...", args.nodes);
-    let cluster = local_cluster(args.nodes, args.port, &args.underlay, per_node, 16)?;
-    let runtime = tokio::runtime::Runtime::new()?;
-    let (summary, rows) = runtime.block_on(async {
-        let api = cluster.api()?;
-        let prewarm = prepare_tenant(&api, "demo", 4242, &args.subnet, per_node).await?;
+    let cluster = Options::processes(args.nodes, &args.underlay, args.port, per_node, 16);
+    let tenant = PipelineTenant {
+        name: "demo",
+        vni: 4242,
+        subnet: &args.subnet,
+    };
+    let run = on_particle(&cluster, &tenant, &spec, &program, |prewarm| {
         eprintln!(
             "tenant demo ({}): {per_node} warm endpoints per node in {:.1} s; launching {} functions ...",
             args.subnet,
             prewarm.as_secs_f64(),
             args.functions
         );
-        let (submitted, job, runs) = launch_pipeline(&api, "demo", &spec, &program).await?;
-        let result = evaluate(&spec, submitted, &runs)?;
-        let rows = timeline_rows(submitted, &runs);
-        anyhow::Ok((
-            DemoSummary {
-                result,
-                launch_ms: job.launch_ms,
-                warm: job.warm,
-                cold: job.cold,
-                prewarm_s: prewarm.as_secs_f64(),
-                plot: plot.clone(),
-            },
-            rows,
-        ))
     })?;
-    drop(cluster);
+    let result = evaluate(&spec, run.submitted, &run.runs)?;
+    let rows = timeline_rows(run.submitted, &run.runs);
+    let summary = DemoSummary {
+        result,
+        launch_ms: run.job.launch_ms,
+        warm: run.job.warm,
+        cold: run.job.cold,
+        prewarm_s: run.prepare.as_secs_f64(),
+        plot: plot.clone(),
+    };
 
     let title = format!(
         "video pipeline on Particle: {} functions on {} nodes, {} frames {}x{}",

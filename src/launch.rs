@@ -33,19 +33,16 @@ impl ControllerFlags {
         };
         Ok(ApiClient::direct(
             self.controller,
-            crate::read_token(&path)?,
+            crate::config::read_token(&path)?,
         ))
     }
 }
 
 /// The token of the one local cluster running on this machine.
 fn local_cluster_token() -> Result<PathBuf> {
-    let found: Vec<PathBuf> = std::fs::read_dir("/run/particle")
+    let found: Vec<PathBuf> = particle_cluster::running()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with("-cluster"))
-        .map(|e| e.path().join("token"))
+        .map(|(_, dir)| dir.join("token"))
         .filter(|p| p.exists())
         .collect();
     match found.as_slice() {

@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use particle_cluster::{LocalCluster, Options};
+use particle_wire::api::CreateTenant;
 use particle_net::endpoint::list_links;
-use particle_net::{NetNs, NetlinkSocket, PoolConfig, Run};
+use particle_net::{NetNs, NetlinkSocket, PoolConfig};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::agent_nodes::{AgentNodes, TenantSpec};
 use crate::baselines::cni::{
     bridge_config, CniCommand, CniOutcome, CniPlugin, Container, REFERENCE_PLUGIN_DIR,
 };
@@ -238,26 +239,26 @@ pub fn run(adds: usize) -> Result<CniAddReport> {
     ensure!(adds > 0, "--adds must be at least 1");
     particle_net::limits::raise_open_files().context("raising the open-file limit")?;
     let plugin_dir = find_plugin_dir()?;
-    let run = Run::start()?;
-    let tenant = TenantSpec {
-        name: TENANT.into(),
-        vni: 2320,
-        subnet: TENANT_SUBNET.into(),
-        // Room for the warm pool and the plugged pairs: 4094 addresses.
-        block_prefix: Some(20),
-    };
     let pool = PoolConfig {
         high_watermark: adds,
         low_watermark: adds - adds / 4,
         batch_size: 64,
     };
-    let nodes = AgentNodes::start(&run, UNDERLAY, 1, pool, &[tenant])?;
-    nodes.wait_ready(TENANT, adds as u64, Duration::from_secs(120))?;
-    let bridge_name = run.prefix().ifname('c', 0)?;
-    let ipam_dir = std::env::temp_dir().join(run.prefix().label("host-local"));
+    let cluster = LocalCluster::start(&Options::in_process(1, UNDERLAY, pool))?;
+    cluster.create_tenant(&CreateTenant {
+        name: TENANT.into(),
+        vni: 2320,
+        subnet: TENANT_SUBNET.into(),
+        // Room for the warm pool and the plugged pairs: 4094 addresses.
+        block_prefix: Some(20),
+        warm_per_node: None,
+    })?;
+    cluster.wait_ready(TENANT, adds as u64, Duration::from_secs(120))?;
+    let bridge_name = cluster.prefix().ifname('c', 0)?;
+    let ipam_dir = std::env::temp_dir().join(cluster.prefix().label("host-local"));
     let target = CniTarget {
-        node: nodes.node(0),
-        agent_socket: nodes.socket(0),
+        node: cluster.node(0),
+        agent_socket: cluster.socket(0),
         tenant: TENANT,
         plugin_dir: &plugin_dir,
         bridge_name: bridge_name.as_str(),

@@ -2,12 +2,13 @@
 //! same run, on the same machine, and reports rates and ratios: these machines
 //! are noisy, so an absolute time alone proves nothing.
 
-pub mod agent_nodes;
 pub mod agent_resources;
 pub mod baselines;
+pub mod cli;
 pub mod cni_add;
 pub mod delay_line;
 pub mod endpoints;
+pub mod jobs;
 pub mod no_network;
 pub mod pipeline;
 pub mod pipeline_baseline;

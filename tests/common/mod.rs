@@ -51,12 +51,6 @@ pub fn http(
     Ok(out)
 }
 
-/// The pid of the cluster process running `particle SUBCOMMAND` with an
-/// argument that mentions `needle`.
-pub fn pid_of(needle: &str, subcommand: &str) -> Option<i32> {
-    child_pid_of(None, needle, subcommand)
-}
-
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which may hold spaces: state, ppid.
@@ -68,12 +62,13 @@ fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
-/// [`pid_of`] among the children of `parent` only: an agent's forked
-/// function supervisors share its command line but are not `cluster up`'s.
-pub fn child_pid_of(parent: Option<i32>, needle: &str, subcommand: &str) -> Option<i32> {
+/// The pid of the child of `parent` running `particle SUBCOMMAND` with an
+/// argument that mentions `needle` (children only: an agent's forked
+/// function supervisors share its command line but are not `cluster up`'s).
+fn child_pid_of(parent: i32, needle: &str, subcommand: &str) -> Option<i32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        if parent.is_some() && parent_of(pid) != parent {
+        if parent_of(pid) != Some(parent) {
             return None;
         }
         let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
@@ -112,7 +107,8 @@ pub fn eventually(what: &str, f: impl FnMut() -> bool) {
 /// A `particle cluster up` running in the background, stopped (SIGTERM, as
 /// Ctrl-C) when dropped, even if the test fails.
 pub struct Cluster {
-    child: Child,
+    /// `cluster up`; taken by [`Cluster::wait`].
+    child: Option<Child>,
     pub port: u16,
     pub token_file: PathBuf,
     pub token: String,
@@ -135,7 +131,7 @@ impl Cluster {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut cluster = Self {
-            child,
+            child: Some(child),
             port,
             token_file: PathBuf::new(),
             token: String::new(),
@@ -217,20 +213,35 @@ impl Cluster {
         self.api_json("POST", "/v1/tenants", &body, 201);
     }
 
+    fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .expect("cluster up runs until wait()")
+            .id() as i32
+    }
+
     /// The pid of node `i`'s agent now.
     pub fn agent_pid(&self, i: usize) -> Option<i32> {
-        child_pid_of(Some(self.child.id() as i32), &self.sockets[i], "agent")
+        child_pid_of(self.pid(), &self.sockets[i], "agent")
     }
 
     pub fn controller_pid(&self) -> Option<i32> {
-        child_pid_of(Some(self.child.id() as i32), &self.logs, "controller")
+        child_pid_of(self.pid(), &self.logs, "controller")
+    }
+
+    /// Waits for `cluster up` to end by itself (e.g. after `cluster down`).
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("cluster up runs until wait()");
+        child.wait().unwrap()
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+            let _ = child.wait();
+        }
     }
 }

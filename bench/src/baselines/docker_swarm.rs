@@ -350,7 +350,7 @@ impl Swarm {
 
     /// Launches `functions` containers, rank `r` on host `r % n`, each
     /// `docker run -d --network NET --name <prefix>-j<job>-f<r>` with the
-    /// function environment (`particle_workloads::env`; peers are container
+    /// function environment (`particle_wire::function_env`; peers are container
     /// names on port 7000) and `argv`. A host launches its containers one
     /// after another, the hosts in parallel, as each host's engine would.
     /// Waits for all to exit and returns each one's exit code and output;

@@ -2,44 +2,23 @@
 //! (both plugins, both attach modes, nothing leaked), and an agent that goes
 //! away takes its lent interfaces with it while DEL still succeeds.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use particle_bench::agent_nodes::{AgentNodes, TenantSpec};
+use common::{links, nodes_with, plugin_dir, require_root};
 use particle_bench::baselines::cni::{CniCommand, CniPlugin, Container, REFERENCE_PLUGIN_DIR};
 use particle_bench::cni_add::{self, CniTarget};
-use particle_net::endpoint::list_links;
-use particle_net::{NetNs, NetlinkSocket, PoolConfig, Run};
+use particle_wire::api::CreateTenant;
+use particle_net::{NetNs, PoolConfig};
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces and runs CNI plugins; run it as root (see README)"
-    );
-}
-
-fn plugin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_particle-cni"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn links(ns: &NetNs) -> Vec<String> {
-    let mut s = NetlinkSocket::open_in(ns).unwrap();
-    list_links(&mut s)
-        .unwrap()
-        .into_iter()
-        .map(|l| l.name)
-        .collect()
-}
-
-fn tenant() -> TenantSpec {
-    TenantSpec {
+fn tenant() -> CreateTenant {
+    CreateTenant {
         name: "t".into(),
         vni: 2290,
         subnet: "10.229.128.0/17".into(),
         block_prefix: Some(22),
+        warm_per_node: None,
     }
 }
 
@@ -52,11 +31,9 @@ const POOL: PoolConfig = PoolConfig {
 #[test]
 fn the_cni_benchmark_measures_both_plugins_and_leaks_nothing() {
     require_root();
-    let run = Run::start().unwrap();
-    let nodes = AgentNodes::start(&run, "10.229.1.0/24", 1, POOL, &[tenant()]).unwrap();
-    nodes.wait_ready("t", 4, Duration::from_secs(30)).unwrap();
-    let ipam = std::env::temp_dir().join(run.prefix().label("lifecycle-ipam"));
-    let bridge = run.prefix().ifname('c', 0).unwrap();
+    let nodes = nodes_with(1, "10.229.1.0/24", POOL, tenant());
+    let ipam = std::env::temp_dir().join(nodes.prefix().label("lifecycle-ipam"));
+    let bridge = nodes.prefix().ifname('c', 0).unwrap();
     let dir = plugin_dir();
     let target = CniTarget {
         node: nodes.node(0),
@@ -89,9 +66,7 @@ fn the_cni_benchmark_measures_both_plugins_and_leaks_nothing() {
 #[test]
 fn an_agent_that_goes_takes_its_interfaces_and_del_still_succeeds() {
     require_root();
-    let run = Run::start().unwrap();
-    let nodes = AgentNodes::start(&run, "10.229.2.0/24", 1, POOL, &[tenant()]).unwrap();
-    nodes.wait_ready("t", 4, Duration::from_secs(30)).unwrap();
+    let nodes = nodes_with(1, "10.229.2.0/24", POOL, tenant());
     let plugin =
         CniPlugin::find("particle-cni", &[plugin_dir(), REFERENCE_PLUGIN_DIR.into()]).unwrap();
     let mut containers = Vec::new();

@@ -4,15 +4,17 @@
 //! addresses and reach each other across nodes, CHECK/STATUS/GC/VERSION
 //! answer, DEL leaves nothing behind, and bad input gets the spec's codes.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
-use particle_bench::agent_nodes::{AgentNodes, TenantSpec};
+use common::{links, nodes_with, plugin_dir, require_root};
 use particle_bench::baselines::cni::{
     fd_path, CniCommand, CniPlugin, ConfList, Container, REFERENCE_PLUGIN_DIR,
 };
-use particle_net::endpoint::list_links;
-use particle_net::{NetNs, NetlinkSocket, PoolConfig, Run};
+use particle_wire::api::CreateTenant;
+use particle_net::{NetNs, PoolConfig};
 use serde_json::{json, Value};
 
 const POOL: PoolConfig = PoolConfig {
@@ -21,32 +23,12 @@ const POOL: PoolConfig = PoolConfig {
     batch_size: 4,
 };
 
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates network namespaces and runs CNI plugins; run it as root (see README)"
-    );
-}
-
 fn plugin_dirs() -> Vec<PathBuf> {
-    let own = PathBuf::from(env!("CARGO_BIN_EXE_particle-cni"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    vec![own, PathBuf::from(REFERENCE_PLUGIN_DIR)]
+    vec![plugin_dir(), PathBuf::from(REFERENCE_PLUGIN_DIR)]
 }
 
 fn particle() -> CniPlugin {
     CniPlugin::find("particle-cni", &plugin_dirs()).unwrap()
-}
-
-fn links(ns: &NetNs) -> Vec<String> {
-    let mut s = NetlinkSocket::open_in(ns).unwrap();
-    list_links(&mut s)
-        .unwrap()
-        .into_iter()
-        .map(|l| l.name)
-        .collect()
 }
 
 fn ip_of(result: &Value) -> String {
@@ -115,16 +97,15 @@ impl Drop for TempDir {
 #[test]
 fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
     require_root();
-    let run = Run::start().unwrap();
-    let tenant = TenantSpec {
+    let tenant = CreateTenant {
         name: "a".into(),
         vni: 2260,
         subnet: "10.227.0.0/16".into(),
         block_prefix: None,
+        warm_per_node: None,
     };
-    let nodes = AgentNodes::start(&run, "10.226.0.0/24", 2, POOL, &[tenant]).unwrap();
-    nodes.wait_ready("a", 4, Duration::from_secs(30)).unwrap();
-    let tuning = TempDir(std::env::temp_dir().join(format!("{}-tuning", run.prefix())));
+    let nodes = nodes_with(2, "10.226.0.0/24", POOL, tenant);
+    let tuning = TempDir(std::env::temp_dir().join(format!("{}-tuning", nodes.prefix())));
     let tuning_dir = &tuning.0;
 
     // particle-cni then the reference `tuning` plugin, which works on the

@@ -11,12 +11,14 @@
 //! (vfs) and network config directory live in a temporary directory of this
 //! test, so no default podman/CNI network is created or used.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use particle_bench::agent_nodes::{AgentNodes, TenantSpec};
-use particle_net::{PoolConfig, Run};
+use particle_wire::api::CreateTenant;
+use particle_net::PoolConfig;
 use serde_json::json;
 
 fn require_root_and_podman() {
@@ -192,27 +194,23 @@ fn address_in(podman: &Podman, container: &str) -> String {
 fn podman_containers_on_two_nodes_reach_each_other_over_particle() {
     require_root_and_podman();
     let before = host_network();
-    let run = Run::start().unwrap();
-    let tenant = TenantSpec {
+    let tenant = CreateTenant {
         name: "a".into(),
         vni: 2280,
         subnet: "10.228.0.0/16".into(),
         block_prefix: None,
+        warm_per_node: None,
     };
     let pool = PoolConfig {
         high_watermark: 2,
         low_watermark: 1,
         batch_size: 2,
     };
-    let nodes = AgentNodes::start(&run, "10.229.0.0/24", 2, pool, &[tenant]).unwrap();
-    nodes.wait_ready("a", 2, Duration::from_secs(30)).unwrap();
+    let nodes = common::nodes_with(2, "10.229.0.0/24", pool, tenant);
 
-    let plugin_dir = PathBuf::from(env!("CARGO_BIN_EXE_particle-cni"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let plugin_dir = common::plugin_dir();
     let podman = Podman::new(
-        &std::env::temp_dir().join(format!("{}-podman", run.prefix())),
+        &std::env::temp_dir().join(format!("{}-podman", nodes.prefix())),
         &plugin_dir,
     );
     // Both ways of lending an interface, one per node.

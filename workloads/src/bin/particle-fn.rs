@@ -1,5 +1,5 @@
 //! `particle-fn JOB [options]`: the program a burst's functions run. It reads
-//! the launcher's environment (see `particle_workloads::env`) and runs one
+//! the launcher's environment (see `particle_wire::function_env`) and runs one
 //! function of the named job. std only, no argument parser crate and no
 //! codec (the video job is `particle-video`: linking OpenH264 and libstdc++
 //! made every start ~0.3 ms slower), so that its own start-up stays a small

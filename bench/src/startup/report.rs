@@ -2,8 +2,7 @@
 //! functions" to "every function runs and has reached a peer on another
 //! node" (the ring probe's `reached_ns`), per-function startup percentiles,
 //! ratios to Particle warm, and the startup-vs-M plot. The runs themselves
-//! are driven by the `particle` command (src/bench_startup.rs), which owns
-//! the local cluster.
+//! are driven by [`super::run`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

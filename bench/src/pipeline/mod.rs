@@ -1,17 +1,25 @@
 //! `particle bench pipeline`: the video pipeline, the same job in the same
 //! run, launched by each system; reports each one's job time (submission to
 //! the last function's end) and the ratio hand-built Linux overlay / Particle.
-//! Every run's output is decoded and checked before its time counts.
+//! Every run's output is decoded and checked before its time counts. The
+//! job itself (its command line, what its outputs say) is [`job`]'s; the
+//! demo runs it on Particle alone ([`on_particle`]).
 
-use std::path::PathBuf;
+mod job;
 
-use anyhow::{Context, Result};
-use particle_bench::pipeline::{evaluate, FunctionRun, PipelineResult, PipelineSpec};
-use particle_bench::pipeline_baseline::Baseline;
+pub use job::*;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use particle_cluster::{tenants, LocalCluster, Options};
+use particle_wire::api::Job;
 use particle_workloads::local::local_envs;
 use serde::Serialize;
 
-use crate::demo::{absolute, launch_pipeline, local_cluster, prepare_tenant, video_program};
+use crate::jobs::launch_job;
+use crate::pipeline_baseline::Baseline;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PipelineArgs {
@@ -58,10 +66,10 @@ pub struct PipelineReport {
     /// loopback. The floor: the job's own time.
     pub no_network: SystemResult,
     /// Bridges and VXLAN wired by hand with iproute2, each function's
-    /// network built at launch (`particle_bench::pipeline_baseline`).
+    /// network built at launch (`crate::pipeline_baseline`).
     pub linux_overlay: SystemResult,
     /// The CNI reference `bridge` plugin per function, host-gw routes
-    /// between nodes (`particle_bench::pipeline_baseline`).
+    /// between nodes (`crate::pipeline_baseline`).
     pub cni_bridge: SystemResult,
     /// Hand-built Linux overlay job time / Particle job time.
     pub ratio: f64,
@@ -89,8 +97,18 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport> {
     };
 
     let no_network = run_no_network(&spec_for("no-network"), args.nodes, &program)?;
-    let linux_overlay = run_linux_overlay(&spec_for("linux-overlay"), args.nodes, &program)?;
-    let cni_bridge = run_cni_bridge(&spec_for("cni-bridge"), args.nodes, &program)?;
+    // The hand-built overlay: bridges and VXLAN wired with iproute2.
+    let linux_overlay = run_baseline(
+        &spec_for("linux-overlay"),
+        &program,
+        "linux-overlay",
+        || Baseline::linux_overlay(args.nodes, "10.250.0.0/24", [10, 249]),
+    )?;
+    // The CNI bridge plugin: nodes' routes set first, each function's
+    // network added by the plugin.
+    let cni_bridge = run_baseline(&spec_for("cni-bridge"), &program, "cni-bridge", || {
+        Baseline::cni_bridge(args.nodes, "10.248.0.0/24", [10, 247])
+    })?;
     let particle = run_particle(&spec_for("particle"), args, &program)?;
     Ok(PipelineReport {
         functions: args.functions,
@@ -107,70 +125,122 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport> {
 /// Particle: a local cluster, a tenant whose pools are prewarmed for the
 /// burst (before the clock starts, as a platform keeps them), then the job
 /// through the launch API.
-fn run_particle(
+fn run_particle(spec: &PipelineSpec, args: &PipelineArgs, program: &Path) -> Result<SystemResult> {
+    let cluster = Options::processes(
+        args.nodes,
+        &args.underlay,
+        args.port,
+        args.functions.div_ceil(args.nodes),
+        16,
+    );
+    let tenant = PipelineTenant {
+        name: "bench",
+        vni: 4343,
+        subnet: "10.96.0.0/12",
+    };
+    let run = on_particle(&cluster, &tenant, spec, program, |_| {})?;
+    Ok(SystemResult {
+        prepare_s: run.prepare.as_secs_f64(),
+        run: evaluate(spec, run.submitted, &run.runs).context("Particle's run")?,
+    })
+}
+
+/// The tenant the pipeline runs on.
+pub struct PipelineTenant<'a> {
+    pub name: &'a str,
+    pub vni: u32,
+    pub subnet: &'a str,
+}
+
+/// One pipeline job on Particle.
+pub struct ParticleRun {
+    /// Creating the tenant and warming its pools for the burst (before the
+    /// job's clock starts).
+    pub prepare: Duration,
+    /// When the job was submitted (wall ns).
+    pub submitted: u128,
+    pub job: Job,
+    pub runs: Vec<FunctionRun>,
+}
+
+/// Starts `cluster`, creates `tenant` with pools warm for the whole burst
+/// (its share of the functions on every node), tells `prepared` how long
+/// that took, launches the pipeline on it through the launch API and waits
+/// for it; the cluster is gone when this returns.
+pub fn on_particle(
+    cluster: &Options,
+    tenant: &PipelineTenant,
     spec: &PipelineSpec,
-    args: &PipelineArgs,
-    program: &std::path::Path,
-) -> Result<SystemResult> {
-    let per_node = args.functions.div_ceil(args.nodes);
-    let cluster = local_cluster(args.nodes, args.port, &args.underlay, per_node, 16)?;
+    program: &Path,
+    prepared: impl FnOnce(Duration),
+) -> Result<ParticleRun> {
+    let per_node = spec.functions.div_ceil(cluster.nodes);
+    let cluster = LocalCluster::start(cluster)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let api = cluster.api()?;
-        let prepare = prepare_tenant(&api, "bench", 4343, "10.96.0.0/12", per_node).await?;
-        let (submitted, _job, runs) = launch_pipeline(&api, "bench", spec, program).await?;
-        Ok(SystemResult {
-            prepare_s: prepare.as_secs_f64(),
-            run: evaluate(spec, submitted, &runs).context("Particle's run")?,
+        let prepare =
+            tenants::prepare(&api, tenant.name, tenant.vni, tenant.subnet, per_node).await?;
+        prepared(prepare);
+        let argv = spec.argv(program);
+        let (submitted, job, runs) =
+            launch_job(&api, tenant.name, argv, spec.functions, spec.timeout).await?;
+        Ok(ParticleRun {
+            prepare,
+            submitted,
+            job,
+            runs,
         })
     })
 }
 
-/// The hand-built overlay: nodes wired before the clock starts, each
-/// function's network built at launch.
-fn run_linux_overlay(
-    spec: &PipelineSpec,
-    nodes: usize,
-    program: &std::path::Path,
-) -> Result<SystemResult> {
-    let start = std::time::Instant::now();
-    let mut overlay = Baseline::linux_overlay(nodes, "10.250.0.0/24", [10, 249])?;
-    let prepare_s = start.elapsed().as_secs_f64();
-    let (submitted, runs) = overlay.launch(&spec.argv(program), spec.functions, spec.timeout)?;
-    Ok(SystemResult {
-        prepare_s,
-        run: evaluate(spec, submitted, &runs).context("the linux-overlay run")?,
+/// The `particle-video` binary next to this one (the function's program).
+pub fn video_program() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the particle binary")?;
+    let program = exe.with_file_name("particle-video");
+    if !program.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p particle-video`",
+            program.display()
+        );
+    }
+    Ok(program)
+}
+
+/// An absolute path (functions do not share our working directory).
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
     })
 }
 
-/// The CNI bridge plugin: nodes' routes set before the clock starts, each
-/// function's network added by the plugin at launch.
-fn run_cni_bridge(
+/// A hand-built baseline (`crate::pipeline_baseline`): its nodes wired by
+/// `build` before the clock starts, each function's network built at launch.
+fn run_baseline(
     spec: &PipelineSpec,
-    nodes: usize,
-    program: &std::path::Path,
+    program: &Path,
+    system: &str,
+    build: impl FnOnce() -> Result<Baseline>,
 ) -> Result<SystemResult> {
     let start = std::time::Instant::now();
-    let mut cni = Baseline::cni_bridge(nodes, "10.248.0.0/24", [10, 247])?;
+    let mut baseline = build()?;
     let prepare_s = start.elapsed().as_secs_f64();
-    let (submitted, runs) = cni.launch(&spec.argv(program), spec.functions, spec.timeout)?;
+    let (submitted, runs) = baseline.launch(&spec.argv(program), spec.functions, spec.timeout)?;
     Ok(SystemResult {
         prepare_s,
-        run: evaluate(spec, submitted, &runs).context("the cni-bridge run")?,
+        run: evaluate(spec, submitted, &runs).with_context(|| format!("the {system} run"))?,
     })
 }
 
 /// The floor: the same functions started by Particle's launcher, one per
-/// node in parallel, with no network of their own (`particle_bench::no_network`).
-fn run_no_network(
-    spec: &PipelineSpec,
-    nodes: usize,
-    program: &std::path::Path,
-) -> Result<SystemResult> {
+/// node in parallel, with no network of their own (`crate::no_network`).
+fn run_no_network(spec: &PipelineSpec, nodes: usize, program: &Path) -> Result<SystemResult> {
     let envs = local_envs("no-network", spec.functions, 20_000, nodes);
     let argv = spec.argv(program);
     let (submitted, outputs) =
-        particle_bench::no_network::run(&envs, &argv, nodes, "10.251.0.0/24", spec.timeout)?;
+        crate::no_network::run(&envs, &argv, nodes, "10.251.0.0/24", spec.timeout)?;
     let runs: Vec<FunctionRun> = outputs
         .into_iter()
         .map(|o| FunctionRun {

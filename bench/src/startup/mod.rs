@@ -4,23 +4,26 @@
 //! Particle with warm pools, Particle cold, the hand-built Linux overlay, the
 //! CNI reference bridge plugin, Docker Swarm's overlay, and no network at all
 //! (the floor). Time runs from the launch to the last function having
-//! reached its peer; see `particle_bench::startup` for the report.
+//! reached its peer; see [`report`] for the report.
+
+mod report;
+
+pub use report::*;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use particle_bench::baselines::docker_swarm::{Swarm, SwarmHost};
-use particle_bench::pipeline_baseline::Baseline;
-use particle_bench::startup::{burst, Burst, StartupReport};
+use particle_cluster::{tenants, LocalCluster, Options};
+use particle_wire::api::CreateTenant;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
-use particle_wire::api::{CreateTenant, Tenant, WarmTarget};
-use particle_wire::client::{ApiClient, Method};
 use particle_workloads::local::local_envs;
 use particle_workloads::ring::now_ns;
 
-use crate::demo::{launch_job, local_cluster, warm_up};
+use crate::baselines::docker_swarm::{Swarm, SwarmHost};
+use crate::jobs::launch_job;
+use crate::pipeline_baseline::Baseline;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StartupArgs {
@@ -46,6 +49,10 @@ pub struct StartupArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// A baseline's constructor: nodes, the underlay's subnet, the two octets
+/// its overlay subnets start with.
+type BaselineFn = fn(usize, &str, [u8; 2]) -> Result<Baseline>;
 
 /// The seconds a function may take to reach its peer (Swarm's DNS is slow).
 const FUNCTION_TIMEOUT_S: u64 = 600;
@@ -92,22 +99,28 @@ pub fn run(args: &StartupArgs) -> Result<StartupReport> {
     if wanted("particle-warm") || wanted("particle-cold") {
         particle(args, &sweep, &argv, &mut report, &wanted)?;
     }
+    // Built anew for each burst: nodes wired, each function's network made at launch.
+    let baselines: [(&str, BaselineFn, &str, [u8; 2]); 2] = [
+        (
+            "linux-overlay",
+            Baseline::linux_overlay,
+            "10.245.0.0/24",
+            [10, 244],
+        ),
+        (
+            "cni-bridge",
+            Baseline::cni_bridge,
+            "10.243.0.0/24",
+            [10, 242],
+        ),
+    ];
     for &m in &sweep {
-        if wanted("linux-overlay") {
-            let mut overlay = Baseline::linux_overlay(args.nodes, "10.245.0.0/24", [10, 244])?;
-            let (submitted, runs) = overlay.launch(&argv, m, timeout)?;
-            report.add_burst(
-                "linux-overlay",
-                measured(submitted, runs.iter().map(|r| &r.stdout))?,
-            );
-        }
-        if wanted("cni-bridge") {
-            let mut cni = Baseline::cni_bridge(args.nodes, "10.243.0.0/24", [10, 242])?;
-            let (submitted, runs) = cni.launch(&argv, m, timeout)?;
-            report.add_burst(
-                "cni-bridge",
-                measured(submitted, runs.iter().map(|r| &r.stdout))?,
-            );
+        for (system, build, underlay, subnets) in baselines {
+            if wanted(system) {
+                let mut baseline = build(args.nodes, underlay, subnets)?;
+                let (submitted, runs) = baseline.launch(&argv, m, timeout)?;
+                report.add_burst(system, measured(submitted, runs.iter().map(|r| &r.stdout))?);
+            }
         }
         if wanted("no-network") {
             report.add_burst("no-network", no_network(&argv, args.nodes, m, timeout)?);
@@ -120,18 +133,18 @@ pub fn run(args: &StartupArgs) -> Result<StartupReport> {
         }
     }
     if wanted("particle-cni") {
-        match particle_bench::cni_add::run(args.cni_adds) {
+        match crate::cni_add::run(args.cni_adds) {
             Ok(cni) => report.add_cni(&cni),
             Err(e) => report.skip("particle-cni", format!("{e:#}")),
         }
     }
-    for s in particle_bench::startup::SYSTEMS {
+    for s in SYSTEMS {
         if !wanted(s) {
             report.skip(s, "left out with --skip");
         }
     }
     report.finish();
-    std::fs::write(&args.plot, particle_bench::startup::plot_svg(&report))
+    std::fs::write(&args.plot, plot_svg(&report))
         .with_context(|| format!("writing {}", args.plot.display()))?;
     report.plot = Some(args.plot.display().to_string());
     Ok(report)
@@ -154,17 +167,18 @@ fn particle(
     wanted: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
     let per_node = |m: usize| m.div_ceil(args.nodes);
-    let cluster = local_cluster(args.nodes, 7700, "10.241.0.0/24", 1, 0)?;
+    let cluster =
+        LocalCluster::start(&Options::processes(args.nodes, "10.241.0.0/24", 7700, 1, 0))?;
     let api = cluster.api()?;
     let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        create_tenant(&api, "warm", 4401, "10.64.0.0/12").await?;
-        create_tenant(&api, "cold", 4402, "10.80.0.0/12").await?;
+        tenants::create(&api, &ring_tenant("warm", 4401, "10.64.0.0/12")).await?;
+        tenants::create(&api, &ring_tenant("cold", 4402, "10.80.0.0/12")).await?;
         for &m in sweep {
             if wanted("particle-warm") {
-                set_warm(&api, "warm", per_node(m)).await?;
-                warm_up(&api, "warm", per_node(m)).await?;
+                tenants::set_warm(&api, "warm", per_node(m)).await?;
+                tenants::warm_up(&api, "warm", per_node(m)).await?;
                 let (submitted, _, runs) =
                     launch_job(&api, "warm", argv.to_vec(), m, timeout).await?;
                 report.add_burst(
@@ -173,8 +187,8 @@ fn particle(
                 );
             }
             if wanted("particle-cold") {
-                set_warm(&api, "cold", 1).await?;
-                warm_up(&api, "cold", 1).await?;
+                tenants::set_warm(&api, "cold", 1).await?;
+                tenants::warm_up(&api, "cold", 1).await?;
                 let (submitted, _, runs) =
                     launch_job(&api, "cold", argv.to_vec(), m, timeout).await?;
                 report.add_burst(
@@ -187,42 +201,25 @@ fn particle(
     })
 }
 
-pub async fn create_tenant(api: &ApiClient, name: &str, vni: u32, subnet: &str) -> Result<()> {
-    let body = CreateTenant {
+/// A tenant for ring bursts on `subnet`, one warm endpoint per node to
+/// start with (the benchmark sets its warm target per burst).
+pub fn ring_tenant(name: &str, vni: u32, subnet: &str) -> CreateTenant {
+    CreateTenant {
         name: name.into(),
         vni,
         subnet: subnet.into(),
         // Room for 1000+ functions on one node.
         block_prefix: Some(21),
         warm_per_node: Some(1),
-    };
-    let _: Tenant = api
-        .call(Method::POST, "/v1/tenants", Some(&body))
-        .await
-        .with_context(|| format!("creating tenant {name}"))?;
-    Ok(())
-}
-
-pub async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<()> {
-    let body = WarmTarget {
-        per_node: Some(per_node),
-    };
-    let _: Tenant = api
-        .call(
-            Method::PUT,
-            &format!("/v1/tenants/{tenant}/warm"),
-            Some(&body),
-        )
-        .await?;
-    Ok(())
+    }
 }
 
 /// The floor: the same functions started by Particle's launcher, one per
-/// node in parallel, with no network of their own (`particle_bench::no_network`).
+/// node in parallel, with no network of their own (`crate::no_network`).
 fn no_network(argv: &[String], nodes: usize, m: usize, timeout: Duration) -> Result<Burst> {
     let envs = local_envs("no-network", m, 20_000, nodes);
     let (submitted, outputs) =
-        particle_bench::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout)?;
+        crate::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout)?;
     measured(submitted, outputs.iter().map(|o| &o.stdout))
 }
 

@@ -1,8 +1,7 @@
 //! `particle bench soak`'s report: bursts launched and ended for a while,
 //! their startup over time, errors, and what every agent held at the start
 //! and at the end (which must match: nothing leaks). The soak itself is
-//! driven by the `particle` command (src/bench_soak.rs), which owns the
-//! local cluster.
+//! driven by [`super::run`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -3,19 +3,23 @@
 //! mixed burst sizes, two jobs in flight at a time, and every fourth job
 //! cancelled while it runs. At the end the pools are left to refill and every
 //! agent's kernel objects, fds and processes are compared with what it held
-//! before the first burst; see `particle_bench::soak` for the report.
+//! before the first burst; see [`report`] for the report.
+
+mod report;
+
+pub use report::*;
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use particle_bench::agent_resources::AgentResources;
-use particle_bench::soak::{windows, AgentCensus, SoakReport, GROWTH_COUNTERS};
+use particle_cluster::{tenants, LocalCluster, Options};
 use particle_wire::api::{FunctionCommand, Job, JobState, LaunchJob};
 use particle_wire::client::{ApiClient, Method};
 use particle_workloads::ring::{parse_probe, REACHED};
 
-use crate::bench_startup::{create_tenant, ring_argv, set_warm};
-use crate::demo::{launch_job, local_cluster, warm_up};
+use crate::agent_resources::AgentResources;
+use crate::jobs::launch_job;
+use crate::startup::{ring_argv, ring_tenant};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SoakArgs {
@@ -68,7 +72,13 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
         "need at least one node, one tenant and bursts of two"
     );
     let argv = ring_argv(FUNCTION_TIMEOUT_S)?;
-    let cluster = local_cluster(args.nodes, 7741, "10.236.0.0/24", args.warm, 8)?;
+    let cluster = LocalCluster::start(&Options::processes(
+        args.nodes,
+        "10.236.0.0/24",
+        7741,
+        args.warm,
+        8,
+    ))?;
     let api = cluster.api()?;
     let agents = cluster.agent_pids();
     let runtime = tokio::runtime::Runtime::new()?;
@@ -77,11 +87,12 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
     runtime.block_on(async {
         for (i, t) in tenants.iter().enumerate() {
             // Disjoint /16s from 10.100.0.0 on; VNIs from 4600.
-            create_tenant(&api, t, 4600 + i as u32, &format!("10.{}.0.0/16", 100 + i)).await?;
-            set_warm(&api, t, args.warm).await?;
+            let subnet = format!("10.{}.0.0/16", 100 + i);
+            tenants::create(&api, &ring_tenant(t, 4600 + i as u32, &subnet)).await?;
+            tenants::set_warm(&api, t, args.warm).await?;
         }
         for t in &tenants {
-            warm_up(&api, t, args.warm).await?;
+            tenants::warm_up(&api, t, args.warm).await?;
         }
         // One small burst per tenant first, so that the start is a node that
         // has carried traffic: its underlay ARP entries for the other nodes
@@ -92,7 +103,7 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
                 .with_context(|| format!("the warm-up burst of {t}"))?;
         }
         for t in &tenants {
-            warm_up(&api, t, args.warm).await?;
+            tenants::warm_up(&api, t, args.warm).await?;
         }
         anyhow::Ok(())
     })?;

@@ -1,0 +1,87 @@
+//! Jobs on a local cluster through the burst launch API, as a user submits
+//! them: launch, wait for the end, collect every function's run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use particle_wire::api::{FunctionCommand, Job, JobState, LaunchJob, Placement, RuntimeKind};
+use particle_wire::client::{ApiClient, Method};
+use particle_workloads::ring::now_ns;
+
+use crate::pipeline::FunctionRun;
+
+/// Launches `functions` copies of `argv` on `tenant` through the launch API
+/// and waits for the job to end; fails unless every function exited 0.
+/// Returns when it was submitted (wall ns), the job, and every function's run.
+pub async fn launch_job(
+    api: &ApiClient,
+    tenant: &str,
+    argv: Vec<String>,
+    functions: usize,
+    timeout: Duration,
+) -> Result<(u128, Job, Vec<FunctionRun>)> {
+    let request = LaunchJob {
+        tenant: tenant.into(),
+        functions,
+        command: FunctionCommand {
+            argv,
+            env: Default::default(),
+        },
+        placement: Placement::default(),
+        runtime: RuntimeKind::Builtin,
+        port: None,
+    };
+    let submitted = now_ns();
+    let job: Job = api
+        .call(Method::POST, "/v1/jobs", Some(&request))
+        .await
+        .context("launching the job")?;
+    let deadline = Instant::now() + timeout + Duration::from_secs(30);
+    let job = loop {
+        let path = format!("/v1/jobs/{}?wait_s=5&output=true", job.id);
+        let job: Job = api.call::<(), _>(Method::GET, &path, None).await?;
+        if job.state != JobState::Running {
+            break job;
+        }
+        if Instant::now() > deadline {
+            let _: Result<Job, _> = api
+                .call::<(), _>(Method::DELETE, &format!("/v1/jobs/{}", job.id), None)
+                .await;
+            bail!("job {} did not end in time; cancelled", job.id);
+        }
+    };
+    if job.state != JobState::Succeeded {
+        let failed: Vec<String> = job
+            .functions
+            .iter()
+            .filter(|f| f.exit_code != Some(0))
+            .take(3)
+            .map(|f| {
+                format!(
+                    "rank {} on {}: {:?} {}\n{}",
+                    f.rank,
+                    f.node,
+                    f.exit_code,
+                    f.error.clone().unwrap_or_default(),
+                    f.output.clone().unwrap_or_default()
+                )
+            })
+            .collect();
+        bail!(
+            "job {} ended {:?}:\n{}",
+            job.id,
+            job.state,
+            failed.join("\n")
+        );
+    }
+    let runs = job
+        .functions
+        .iter()
+        .map(|f| FunctionRun {
+            rank: f.rank,
+            node: f.node.clone(),
+            stdout: f.output.clone().unwrap_or_default(),
+        })
+        .collect();
+    Ok((submitted, job, runs))
+}
