@@ -244,8 +244,7 @@ pub fn run(flags: &AgentSettings) -> Result<()> {
         oci_runtime: args.oci_runtime.clone(),
     };
     let warm = args.warm_config()?;
-    let client =
-        particle_wire::client::ApiClient::direct(args.controller()?, token);
+    let client = particle_wire::client::ApiClient::direct(args.controller()?, token);
     let metrics_addr = args
         .metrics_listen
         .unwrap_or_else(|| SocketAddr::from((underlay_ip, 9101)));

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use particle_cluster::{LocalCluster, Options};
-use particle_wire::api::CreateTenant;
 use particle_net::endpoint::list_links;
 use particle_net::{NetNs, NetlinkSocket, PoolConfig};
+use particle_wire::api::CreateTenant;
 use serde::Serialize;
 use serde_json::{json, Value};
 

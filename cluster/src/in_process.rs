@@ -10,9 +10,9 @@ use anyhow::Result;
 use particle_controller::ControllerConfig;
 use particle_net::scratch::ScratchNode;
 use particle_net::{Endpoint, NetNs, RunPrefix};
-use particle_wire::client::ApiClient;
 use particle_node_agent::daemon::{self, AgentConfig, Listeners};
 use particle_node_agent::NodeConfig;
+use particle_wire::client::ApiClient;
 
 use crate::{node_name, Options};
 

@@ -34,9 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use particle_wire::client::ApiClient;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Endpoint, NetNs, PoolConfig, Run, RunPrefix};
+use particle_wire::client::ApiClient;
 use serde_json::Value;
 
 /// Node `i`'s name at the controller.

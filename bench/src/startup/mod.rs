@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use particle_cluster::{tenants, LocalCluster, Options};
-use particle_wire::api::CreateTenant;
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
+use particle_wire::api::CreateTenant;
 use particle_workloads::local::local_envs;
 use particle_workloads::ring::now_ns;
 

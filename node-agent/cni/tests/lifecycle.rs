@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use common::{links, nodes_with, plugin_dir, require_root};
 use particle_bench::baselines::cni::{CniCommand, CniPlugin, Container, REFERENCE_PLUGIN_DIR};
 use particle_bench::cni_add::{self, CniTarget};
-use particle_wire::api::CreateTenant;
 use particle_net::{NetNs, PoolConfig};
+use particle_wire::api::CreateTenant;
 
 fn tenant() -> CreateTenant {
     CreateTenant {

@@ -13,8 +13,8 @@ use common::{links, nodes_with, plugin_dir, require_root};
 use particle_bench::baselines::cni::{
     fd_path, CniCommand, CniPlugin, ConfList, Container, REFERENCE_PLUGIN_DIR,
 };
-use particle_wire::api::CreateTenant;
 use particle_net::{NetNs, PoolConfig};
+use particle_wire::api::CreateTenant;
 use serde_json::{json, Value};
 
 const POOL: PoolConfig = PoolConfig {

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use particle_wire::api::CreateTenant;
 use particle_net::PoolConfig;
+use particle_wire::api::CreateTenant;
 use serde_json::json;
 
 fn require_root_and_podman() {

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use particle_cluster::{LocalCluster, Options};
-use particle_wire::api::CreateTenant;
 use particle_net::endpoint::list_links;
 use particle_net::{NetNs, NetlinkSocket, PoolConfig};
+use particle_wire::api::CreateTenant;
 
 /// These tests drive the real kernel; without root they must fail, loudly.
 pub fn require_root() {
