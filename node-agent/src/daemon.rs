@@ -68,7 +68,8 @@ pub async fn run_with_warm(
     let overlay_view = Arc::new(OverlayView::default());
     // Stops (closing its connections) when the agent stops.
     let _warm = match warm {
-        Some(w) => {
+        Some(mut w) => {
+            w.peer_token = client.token().to_string();
             let claims = claims.clone();
             let tenant_of = Arc::new(move |inode| claims.tenant_of_netns(inode));
             Some(WarmService::start(w, &node, tenant_of).map_err(std::io::Error::other)?)

@@ -278,3 +278,91 @@ fn functions_on_two_nodes_get_the_ends_of_one_warm_channel() {
     drop(a2);
     let _ = one.join();
 }
+
+/// A hostile function with a lent connection: it disconnects the socket and
+/// dials somewhere else the node can reach (here another server on the
+/// underlay, standing in for the controller). The first SYN is reset: lent
+/// sockets reach only pooled destinations. Before pinning, it connected.
+#[test]
+fn a_lent_connection_cannot_be_redialled_elsewhere() {
+    let (run, mut fabric) = common::fabric("10.220.3.0/24");
+    let hosts = fabric.hosts(2).unwrap();
+    let server = line_server(&hosts[1], 18301);
+    let elsewhere = line_server(&hosts[1], 18302);
+    let fn_a = NetNs::create().unwrap();
+    let socket = socket_path(&run, "redial");
+    let mut config = WarmConfig::new(socket.clone());
+    config.destinations = vec![WarmDestination {
+        addr: server.addr,
+        tenants: vec!["a".into()],
+    }];
+    config.pool_size = 1;
+    config.max_idle = 1;
+    let warm = WarmService::start(config, hosts[0].netns(), tenants(&[(&fn_a, "a")])).unwrap();
+    assert!(warm.wait_ready(WAIT), "{:?}", warm.stats());
+    let out = function(
+        &fn_a,
+        &socket,
+        &[
+            "redial",
+            &server.addr.to_string(),
+            &elsewhere.addr.to_string(),
+        ],
+    );
+    let verdict = out["redial"].as_str().unwrap_or_default();
+    assert!(verdict.starts_with("failed"), "{out}");
+    assert_eq!(elsewhere.accepted.load(Ordering::SeqCst), 0);
+    // The node itself still reaches it: only the lent sockets are pinned.
+    let own = hosts[0]
+        .netns()
+        .run_in(|| TcpStream::connect(elsewhere.addr))
+        .unwrap();
+    assert!(own.is_ok(), "{own:?}");
+    drop(warm);
+    // Its rules go with it.
+    let rules = hosts[0]
+        .netns()
+        .command("iptables")
+        .arg("-S")
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("PT-WARM"), "{rules}");
+}
+
+/// Something that dials an agent's warm port without the agents' hello (a
+/// function with a re-dialled socket, a stranger) is cut off before it can
+/// bind itself into any channel.
+#[test]
+fn a_warm_peer_connection_without_the_hello_is_closed() {
+    use std::io::Read;
+    let (run, mut fabric) = common::fabric("10.220.4.0/24");
+    let hosts = fabric.hosts(2).unwrap();
+    let listen = SocketAddr::new(hosts[0].address().ip().into(), 18401);
+    let mut config = WarmConfig::new(socket_path(&run, "hello"));
+    config.listen = Some(listen);
+    config.peer_token = "the-cluster-token".into();
+    let _warm = WarmService::start(config, hosts[0].netns(), tenants(&[])).unwrap();
+    let bind = br#"{"tenant":"b","key":"job1/0-1"}"#;
+    let mut frame =
+        particle_wire::warm::frame_header(particle_wire::warm::FRAME_BIND, bind.len()).to_vec();
+    frame.extend_from_slice(bind);
+    for first in [frame.clone(), {
+        let mut wrong =
+            particle_wire::warm::frame_header(particle_wire::warm::FRAME_HELLO, 5).to_vec();
+        wrong.extend_from_slice(b"guess");
+        wrong
+    }] {
+        let mut s = hosts[1]
+            .netns()
+            .run_in(|| TcpStream::connect(listen))
+            .unwrap()
+            .unwrap();
+        s.write_all(&first).unwrap();
+        let _ = s.write_all(&frame);
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut b = [0u8; 1];
+        let closed = matches!(s.read(&mut b), Ok(0) | Err(_));
+        assert!(closed, "the agent kept a connection that did not say hello");
+    }
+}

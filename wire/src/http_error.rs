@@ -61,7 +61,7 @@ pub fn check_bearer(headers: &HeaderMap, token: &str) -> Result<(), HttpError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(t) if crate::same_secret(t.as_bytes(), token.as_bytes()) => Ok(()),
         Some(_) => Err(HttpError::new(
             StatusCode::UNAUTHORIZED,
             "wrong bearer token",
@@ -80,10 +80,4 @@ pub async fn require_bearer(State(token): State<Arc<str>>, req: Request, next: N
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
-}
-
-/// Compares without an early exit so response time does not leak how much
-/// of the token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -25,5 +25,11 @@ pub mod http_error;
 #[cfg(feature = "http")]
 pub mod http_server;
 
+/// Compares two secrets without an early exit, so the time taken does not
+/// tell how much of a guess matched.
+pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(feature = "http")]
 pub use http_error::{check_bearer, require_bearer, HttpError};

@@ -108,6 +108,9 @@ pub const FRAME_PROBE_ACK: u8 = 2;
 /// Binds the connection to a channel; payload is a [`ChannelBind`] in JSON.
 /// What follows on the connection belongs to the two functions.
 pub const FRAME_BIND: u8 = 3;
+/// The first frame of every agent-to-agent connection: the cluster's token
+/// (payload), proving the dialer is an agent. Anything else first is closed.
+pub const FRAME_HELLO: u8 = 4;
 /// Header length of a frame.
 pub const FRAME_HEADER: usize = 5;
 /// Largest frame payload accepted.

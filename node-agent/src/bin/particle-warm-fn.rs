@@ -5,6 +5,7 @@
 //! particle-warm-fn SOCKET get DEST LINE [--read-bytes N]   # send LINE, read N bytes of reply (default: one line), give back
 //! particle-warm-fn SOCKET channel PEER KEY SEND            # open the channel, send SEND + "\n", read one line back
 //! particle-warm-fn SOCKET destinations
+//! particle-warm-fn SOCKET redial DEST TARGET               # a hostile function: get DEST, disconnect, dial TARGET
 //! ```
 
 use std::io::{Read, Write};
@@ -73,7 +74,40 @@ fn run(args: &[String]) -> Result<serde_json::Value, String> {
             let got = read_line_exact(&mut s).map_err(|e| err(&e))?;
             Ok(json!({ "local_port": local_port, "got": got }))
         }
+        ("redial", [dest, target]) => {
+            let dest: SocketAddr = dest.parse().map_err(|e| err(&e))?;
+            let target: SocketAddr = target.parse().map_err(|e| err(&e))?;
+            let s = client.get(dest).map_err(|e| err(&e))?;
+            Ok(json!({ "redial": redial(&s, target) }))
+        }
         _ => Err(format!("unknown operation {op:?} or wrong arguments")),
+    }
+}
+
+/// Disconnects a lent socket (`connect(AF_UNSPEC)`) and dials `target`
+/// with it: what a hostile function tries to get out of its overlay.
+fn redial(s: &TcpStream, target: SocketAddr) -> String {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid sockaddr of the size given.
+    let rc = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return format!("disconnect failed: {}", std::io::Error::last_os_error());
+    }
+    let target = nix::sys::socket::SockaddrStorage::from(target);
+    match nix::sys::socket::connect(s.as_raw_fd(), &target) {
+        Ok(()) => "connected".into(),
+        Err(e) => format!("failed: {e}"),
     }
 }
 

@@ -55,6 +55,10 @@ pub struct WarmConfig {
     pub channel_timeout: Duration,
     /// How often the maintainer looks at the pools.
     pub tick: Duration,
+    /// What every agent-to-agent connection opens with (the cluster's token):
+    /// a function that re-dials another agent's warm port cannot pose as an
+    /// agent and bind itself into another tenant's channel.
+    pub peer_token: String,
 }
 
 impl WarmConfig {
@@ -74,6 +78,7 @@ impl WarmConfig {
             connect_timeout: Duration::from_secs(2),
             channel_timeout: Duration::from_secs(10),
             tick: Duration::from_millis(100),
+            peer_token: String::new(),
         }
     }
 }
@@ -92,4 +97,6 @@ pub enum WarmPoolError {
     Thread(io::Error),
     #[error("bad warm config: {0}")]
     Config(String),
+    #[error("pinning lent connections to their destinations: {0}")]
+    Pinning(io::Error),
 }

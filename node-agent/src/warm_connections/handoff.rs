@@ -130,6 +130,10 @@ impl Shared {
 
     /// Adds another agent as a destination (idempotent) and wakes the maintainer.
     pub(crate) fn add_peer(&self, peer: SocketAddr) {
+        if let Err(e) = self.pinning.allow(peer) {
+            // Unpinned connections are never made: without the rule they fail.
+            tracing::warn!("warm peer {peer}: {e}");
+        }
         lock(&self.pools).entry(peer).or_insert_with(|| DestPool {
             kind: DestKind::Peer,
             idle: Vec::new(),

@@ -7,6 +7,7 @@ use std::sync::PoisonError;
 use std::time::Instant;
 
 use super::health::check_clean;
+use super::pinning;
 use super::*;
 
 impl Shared {
@@ -40,15 +41,18 @@ impl Shared {
                     pool.idle.remove(0);
                     bump(&self.counters.expired);
                 }
+                let mut probing = 0;
                 if let (DestKind::Peer, Some(every)) = (&pool.kind, self.config.probe_every) {
                     let (due, keep): (Vec<Idle>, Vec<Idle>) = pool
                         .idle
                         .drain(..)
                         .partition(|c| now.duration_since(c.probed) >= every);
                     pool.idle = keep;
+                    probing = due.len();
                     to_probe.extend(due.into_iter().map(|c| (*dest, c)));
                 }
-                let have = pool.idle.len() + lent_to.get(dest).copied().unwrap_or(0);
+                // Connections out for a probe come back: they count.
+                let have = pool.idle.len() + probing + lent_to.get(dest).copied().unwrap_or(0);
                 let missing = self.config.pool_size.saturating_sub(have);
                 wanted.extend(std::iter::repeat_n(*dest, missing));
             }
@@ -70,7 +74,17 @@ impl Shared {
             if self.stop.load(Ordering::Relaxed) {
                 return;
             }
-            match TcpStream::connect_timeout(&dest, self.config.connect_timeout) {
+            let is_peer = lock(&self.pools)
+                .get(&dest)
+                .is_some_and(|p| matches!(p.kind, DestKind::Peer));
+            let connected =
+                pinning::connect_pinned(dest, self.config.connect_timeout).and_then(|s| {
+                    match is_peer {
+                        true => peers::hello(&s, &self.config.peer_token).map(|()| s),
+                        false => Ok(s),
+                    }
+                });
+            match connected {
                 Ok(stream) => {
                     bump(&self.counters.connects);
                     self.back_to_pool(dest, Idle::fresh(stream));

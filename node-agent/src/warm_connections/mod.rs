@@ -31,8 +31,10 @@ mod handoff;
 pub mod health;
 mod maintainer;
 pub mod peers;
+pub mod pinning;
 
 use health::check_clean;
+use pinning::Pinning;
 
 /// Warm-socket connections served at once, in all and per caller namespace.
 const MAX_CLIENTS: usize = 1024;
@@ -121,6 +123,8 @@ pub(crate) struct Shared {
     /// Streams to shut down on stop, so blocked threads return.
     pub(crate) open: Mutex<HashMap<u64, OwnedFd>>,
     next_open: AtomicU64,
+    /// The firewall rules keeping lent sockets on their destinations.
+    pinning: Pinning,
 }
 
 impl Shared {
@@ -214,6 +218,12 @@ impl WarmService {
             ),
             None => None,
         };
+        // Before any socket exists: none may be lent unpinned.
+        let allowed: Vec<SocketAddr> = (config.destinations.iter().map(|d| d.addr))
+            .chain(config.peers.iter().copied())
+            .collect();
+        let pinning = Pinning::install(node, pinning::chain_for(&config.socket_path), &allowed)
+            .map_err(WarmPoolError::Pinning)?;
         let unix = bind_unix(&config.socket_path).map_err(|source| WarmPoolError::Socket {
             path: config.socket_path.clone(),
             source,
@@ -248,6 +258,7 @@ impl WarmService {
             counters: Counters::default(),
             open: Mutex::new(HashMap::new()),
             next_open: AtomicU64::new(0),
+            pinning,
         });
         let mut service = Self {
             shared: shared.clone(),

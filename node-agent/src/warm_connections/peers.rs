@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use particle_wire::warm::{
-    frame_header, parse_frame_header, ChannelBind, FRAME_BIND, FRAME_HEADER, FRAME_MAX,
-    FRAME_PROBE, FRAME_PROBE_ACK,
+    frame_header, parse_frame_header, ChannelBind, FRAME_BIND, FRAME_HEADER, FRAME_HELLO,
+    FRAME_MAX, FRAME_PROBE, FRAME_PROBE_ACK,
 };
 
 use super::Shared;
@@ -122,17 +122,40 @@ pub(crate) fn probe(stream: &TcpStream, bytes: usize) -> io::Result<()> {
     }
 }
 
+/// Opens an agent-to-agent connection: the hello with the cluster's token.
+pub(crate) fn hello(stream: &TcpStream, token: &str) -> io::Result<()> {
+    let mut frame = frame_header(FRAME_HELLO, token.len()).to_vec();
+    frame.extend_from_slice(token.as_bytes());
+    (&mut &*stream).write_all(&frame)
+}
+
+/// Incoming agent connections served at once, in all and per address.
+const MAX_PEER_CONNECTIONS: usize = 4096;
+const MAX_PER_PEER: usize = 512;
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Accepts other agents' warm connections until the service stops.
 pub(crate) fn accept_loop(s: &Arc<Shared>, listener: TcpListener) {
+    let caps = particle_wire::caps::ConnectionCaps::new(MAX_PEER_CONNECTIONS, MAX_PER_PEER);
     for stream in listener.incoming() {
         if s.stop.load(Ordering::Relaxed) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            std::thread::sleep(Duration::from_millis(20)); // out of descriptors, say
+            continue;
+        };
+        let Some(permit) = stream.peer_addr().ok().and_then(|a| caps.enter(a.ip())) else {
+            continue; // over a cap: closed at once
+        };
         let s = s.clone();
         let spawned = std::thread::Builder::new()
             .name("warm-peer".into())
-            .spawn(move || incoming(&s, stream));
+            .spawn(move || {
+                let _permit = permit;
+                incoming(&s, stream)
+            });
         if let Err(e) = spawned {
             tracing::warn!("warm peer thread: {e}");
         }
@@ -144,6 +167,7 @@ pub(crate) fn accept_loop(s: &Arc<Shared>, listener: TcpListener) {
 fn incoming(s: &Shared, mut stream: TcpStream) {
     let tracked = s.track(&stream);
     let result = (|| -> io::Result<Option<ChannelBind>> {
+        check_hello(&mut stream, &s.config.peer_token)?;
         loop {
             let (kind, len) = read_frame_header(&mut stream)?;
             let mut payload = vec![0u8; len];
@@ -171,6 +195,29 @@ fn incoming(s: &Shared, mut stream: TcpStream) {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
         Err(e) => tracing::debug!("warm peer connection: {e}"),
     }
+}
+
+/// Reads the hello an agent opens with; anything else, a wrong token or
+/// silence past [`HELLO_TIMEOUT`] is an error (and the connection closed).
+fn check_hello(stream: &mut TcpStream, token: &str) -> io::Result<()> {
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let (kind, len) = read_frame_header(stream)?;
+    if kind != FRAME_HELLO || len > FRAME_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a warm peer connection must open with the agents' hello",
+        ));
+    }
+    let mut given = vec![0u8; len];
+    stream.read_exact(&mut given)?;
+    stream.set_read_timeout(None)?;
+    if !particle_wire::same_secret(&given, token.as_bytes()) {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a warm peer connection with a wrong token",
+        ));
+    }
+    Ok(())
 }
 
 /// One end of the channel `key` between this node and `peer`, for a function
