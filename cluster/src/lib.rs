@@ -375,15 +375,9 @@ pub fn running() -> Vec<(String, PathBuf)> {
 pub fn stop_all() -> Result<Vec<String>> {
     let mut stopped = Vec::new();
     for (prefix, dir) in running() {
-        let pid_file = dir.join("pid");
-        let Ok(pid) = std::fs::read_to_string(&pid_file) else {
+        let Some(pid) = cluster_process(&dir) else {
             continue;
         };
-        let pid: i32 = pid
-            .trim()
-            .parse()
-            .with_context(|| format!("{}", pid_file.display()))?;
-        let pid = nix::unistd::Pid::from_raw(pid);
         if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
             let start = Instant::now();
             while dir.exists() && start.elapsed() < Duration::from_secs(20) {
@@ -393,6 +387,37 @@ pub fn stop_all() -> Result<Vec<String>> {
         }
     }
     Ok(stopped)
+}
+
+/// The process holding the cluster in `dir`, if the pid file names it. The
+/// file holds the pid and that process's start time (field 22 of
+/// `/proc/PID/stat`), and must be root's and not writable by others: a pid
+/// file that was rewritten, or whose process died and whose pid was reused,
+/// names nobody, and nobody is signalled.
+fn cluster_process(dir: &Path) -> Option<nix::unistd::Pid> {
+    use std::os::unix::fs::MetadataExt;
+    let pid_file = dir.join("pid");
+    let meta = std::fs::symlink_metadata(&pid_file).ok()?;
+    if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        tracing::warn!("{}: not a pid file of root's; ignored", pid_file.display());
+        return None;
+    }
+    let text = std::fs::read_to_string(&pid_file).ok()?;
+    let (pid, start) = text.trim().split_once(' ')?;
+    let pid: i32 = pid.parse().ok()?;
+    if pid <= 0 || process_start(pid)? != start {
+        tracing::warn!("{}: its process is gone; ignored", pid_file.display());
+        return None;
+    }
+    Some(nix::unistd::Pid::from_raw(pid))
+}
+
+/// A process's start time in clock ticks since boot, as `/proc` gives it.
+fn process_start(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split(' ').nth(19).map(str::to_string)
 }
 
 /// A cluster's directory (token, logs, sockets), removed when the cluster
@@ -409,8 +434,12 @@ impl ClusterDir {
         };
         let dir = Self(Path::new(RUN_DIR).join(label));
         std::fs::create_dir_all(&dir.0)?;
+        // The token, logs and sockets inside are the cluster's alone.
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         if mode == Mode::Processes {
-            std::fs::write(dir.0.join("pid"), std::process::id().to_string())?;
+            let me = std::process::id();
+            let start = process_start(me as i32).context("reading this process's start time")?;
+            std::fs::write(dir.0.join("pid"), format!("{me} {start}"))?;
         }
         Ok(dir)
     }

@@ -131,8 +131,11 @@ impl Drop for ChildGuard {
 }
 
 fn spawn_child(ns: &NetNs, args: &[String], log: &Path) -> Result<Child> {
+    use std::os::unix::fs::OpenOptionsExt;
     let exe = std::env::current_exe().context("locating the particle binary")?;
+    // Logs name tenants and jobs: the cluster's, not everyone's (0600).
     let log_file = std::fs::OpenOptions::new()
+        .mode(0o600)
         .create(true)
         .append(true)
         .open(log)?;

@@ -197,18 +197,19 @@ impl NodeState {
             })
             .collect::<Result<Vec<_>, IpamError>>()
             .map_err(address_err)?;
+        // 0 is honoured: a tenant that asks for no warm endpoints costs its
+        // router only, until a claim binds or builds one.
+        let target = tenant
+            .warm_per_node
+            .unwrap_or(self.config.pool.high_watermark);
         if !self.tenants.contains_key(name) {
-            let slot = self.build_tenant(name, tenant)?;
+            let slot = self.build_tenant(name, tenant, target)?;
             self.tenants.insert(name.to_string(), slot);
         }
         let slot = self
             .tenants
             .get_mut(name)
             .ok_or_else(|| AgentError::UnknownTenant(name.to_string()))?;
-        let target = tenant
-            .warm_per_node
-            .unwrap_or(self.config.pool.high_watermark)
-            .max(1);
         if slot.pool.config().high_watermark != target {
             slot.pool
                 .set_target(target)
@@ -225,6 +226,7 @@ impl NodeState {
         &mut self,
         name: &str,
         tenant: &TenantOverlay,
+        target: usize,
     ) -> Result<TenantSlot, AgentError> {
         let block = parse_network(&tenant.local_block).map_err(|source| AgentError::Address {
             tenant: name.to_string(),
@@ -249,12 +251,20 @@ impl NodeState {
             tenant: name.to_string(),
             source,
         })?;
-        let pool = EndpointPool::start(factory, addresses, self.config.pool).map_err(|source| {
-            AgentError::Pool {
+        // Started at its target: a pool started at the default and cut down
+        // after would build endpoints nobody asked for.
+        let config = match tenant.warm_per_node {
+            None => self.config.pool,
+            Some(_) => PoolConfig {
+                batch_size: self.config.pool.batch_size,
+                ..PoolConfig::warm(target)
+            },
+        };
+        let pool =
+            EndpointPool::start(factory, addresses, config).map_err(|source| AgentError::Pool {
                 tenant: name.to_string(),
                 source,
-            }
-        })?;
+            })?;
         let binder = network.binder().map_err(overlay_err)?;
         tracing::info!(tenant = name, vni = tenant.vni, %block, "tenant network up");
         Ok(TenantSlot {

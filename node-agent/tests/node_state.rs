@@ -128,16 +128,32 @@ fn nodes_apply_overlay_state_and_serve_warm_endpoints() {
     assert!(!ping_once(last, b1.address().ip()));
     drop((burst, free));
 
+    // A tenant that asks for no warm endpoints costs nothing until used:
+    // none are built, and a claim binds a tenant-free one.
+    let mut with_c = state(0, 2, true);
+    let mut c = tenant("c", 500, 5, 0, &hosts);
+    c.warm_per_node = Some(0);
+    with_c.tenants.push(c);
+    assert!(nodes[0].apply(&with_c).is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = nodes[0].pool("c").unwrap().stats();
+    assert_eq!((stats.ready, stats.created), (0, 0), "{stats:?}");
+    let free = nodes[0].free_pool().unwrap();
+    free.wait_ready(1, WAIT).unwrap();
+    let c0 = nodes[0].claim("c").unwrap();
+    assert_eq!(nodes[0].pool("c").unwrap().stats().created, 0);
+    drop((c0, free));
+
     // Tenant b goes: its network and pool go with it, on both nodes.
     drop(b1);
     for (me, node) in nodes.iter_mut().enumerate() {
-        assert!(node.apply(&state(me, 2, false)).is_empty());
+        assert!(node.apply(&state(me, 3, false)).is_empty());
         assert_eq!(node.tenants().collect::<Vec<_>>(), ["a"]);
     }
     assert!(ping(&a0, a1.address().ip()), "tenant a is untouched");
 
     // A broken entry fails that tenant only, with a clear error.
-    let mut broken = state(0, 3, true);
+    let mut broken = state(0, 4, true);
     broken.tenants[1].local_block = "10.4.0.7/24".into();
     let errors = nodes[0].apply(&broken);
     assert_eq!(errors.len(), 1);

@@ -38,18 +38,7 @@ impl Pinning {
         };
         pinning.remove();
         pinning.iptables(&["-N", &pinning.chain])?;
-        let uid = SOCKET_UID.to_string();
-        let jump = [
-            "-I",
-            "OUTPUT",
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            &pinning.chain,
-        ];
-        pinning.iptables(&jump)?;
+        pinning.jump("-I")?;
         for d in destinations {
             pinning.allow(*d)?;
         }
@@ -86,10 +75,11 @@ impl Pinning {
         self.iptables(&insert)
     }
 
-    fn remove(&self) {
+    /// Inserts (`-I`) or deletes (`-D`) the jump from `OUTPUT` for warm sockets.
+    fn jump(&self, op: &str) -> io::Result<()> {
         let uid = SOCKET_UID.to_string();
-        let jump = [
-            "-D",
+        self.iptables(&[
+            op,
             "OUTPUT",
             "-m",
             "owner",
@@ -97,8 +87,11 @@ impl Pinning {
             &uid,
             "-j",
             &self.chain,
-        ];
-        while self.iptables(&jump).is_ok() {}
+        ])
+    }
+
+    fn remove(&self) {
+        while self.jump("-D").is_ok() {}
         let _ = self.iptables(&["-F", &self.chain]);
         let _ = self.iptables(&["-X", &self.chain]);
     }

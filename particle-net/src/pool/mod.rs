@@ -54,9 +54,9 @@ impl PoolConfig {
     }
 
     pub fn validate(&self) -> Result<(), PoolError> {
-        let problem = if self.high_watermark == 0 {
-            Some("high watermark must be at least 1".to_string())
-        } else if self.low_watermark > self.high_watermark {
+        // A high watermark of 0 is a pool that keeps none warm: it costs
+        // nothing until used, and its claims are bound or built cold.
+        let problem = if self.low_watermark > self.high_watermark {
             Some(format!(
                 "low watermark {} is above high watermark {}",
                 self.low_watermark, self.high_watermark
