@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
-use particle_cluster::{LocalCluster, Options};
+use particle_cluster::{LocalCluster, Options, Which};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
@@ -31,8 +31,19 @@ pub enum ClusterCommand {
         #[arg(long)]
         heartbeat_timeout: Option<f64>,
     },
-    /// Stops every running local cluster.
-    Down,
+    /// Stops a running local cluster: the one on `--port` (7700 unless
+    /// told), the one with `--prefix`, or `--all` of them.
+    Down {
+        /// The port the cluster was started with (`cluster up --port`).
+        #[arg(long, default_value_t = 7700, conflicts_with_all = ["prefix", "all"])]
+        port: u16,
+        /// The cluster's run prefix (as `cluster up` printed it).
+        #[arg(long, conflicts_with = "all")]
+        prefix: Option<String>,
+        /// Every local cluster on this machine.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 pub fn run(command: ClusterCommand) -> Result<()> {
@@ -49,13 +60,18 @@ pub fn run(command: ClusterCommand) -> Result<()> {
             relay: true,
             ..Options::processes(nodes, &underlay, port, pool_size, free_pool_size)
         }),
-        ClusterCommand::Down => {
-            let stopped = particle_cluster::stop_all()?;
+        ClusterCommand::Down { port, prefix, all } => {
+            let which = match (all, prefix) {
+                (true, _) => Which::All,
+                (false, Some(p)) => Which::Prefix(p),
+                (false, None) => Which::Port(port),
+            };
+            let stopped = particle_cluster::stop(&which)?;
             for prefix in &stopped {
                 println!("stopped cluster {prefix}");
             }
             if stopped.is_empty() {
-                println!("no local cluster running");
+                println!("no local cluster running matches {which:?}");
             }
             Ok(())
         }

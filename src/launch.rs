@@ -180,7 +180,8 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
         }
         let job = follow(&api, &job.id, args.output).await?;
         print_job(&job, args.json)?;
-        if args.output {
+        // With --json every function's output is in the JSON: stdout stays one document.
+        if args.output && !args.json {
             for f in &job.functions {
                 println!("--- rank {} on {} ---", f.rank, f.node);
                 print!("{}", f.output.as_deref().unwrap_or(""));

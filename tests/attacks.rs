@@ -71,8 +71,9 @@ fn a_function_cannot_use_its_agents_local_api() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let output = stdout.split("\n--- rank").nth(1).unwrap_or_default();
+    // --json with --output: one JSON document, outputs inside.
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let output = job["functions"][0]["output"].as_str().unwrap_or_default();
     let v = verdicts(output);
     assert_eq!(v.len(), 2, "{output}");
     for (name, verdict) in &v {
@@ -86,7 +87,7 @@ fn a_function_cannot_use_its_agents_local_api() {
         .output()
         .unwrap();
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["pools"]["b"]["claimed"], 0, "{status}");
+    assert_eq!(status["pools"]["b"]["claims_total"], 0, "{status}");
 }
 
 /// Before: an `attach` naming `/proc/<agent pid>/fd/N` lent a tenant's

@@ -121,11 +121,37 @@ fn cluster_up_serves_an_overlay_and_down_leaves_nothing() {
                 .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
     });
 
-    let down = particle().args(["cluster", "down"]).output().unwrap();
+    let down = particle()
+        .args(["cluster", "down", "--port", &PORT.to_string()])
+        .output()
+        .unwrap();
     assert!(down.status.success(), "{down:?}");
     let logs = cluster.logs.clone();
     let status = cluster.wait();
     assert!(status.success(), "cluster up exited with {status}");
     assert!(!std::path::Path::new(&sockets[0]).exists());
     assert!(!std::path::Path::new(&logs).exists());
+}
+
+/// `cluster down` stops the cluster it names (by port, the default 7700
+/// otherwise), not every cluster on the machine.
+#[test]
+fn cluster_down_stops_only_its_own_cluster() {
+    let mine = Cluster::up(1, 17_733, "10.214.0.0/24", &["--pool-size", "1"]);
+    let other = Cluster::up(1, 17_734, "10.214.1.0/24", &["--pool-size", "1"]);
+    let down = particle()
+        .args(["cluster", "down", "--port", "17733"])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{down:?}");
+    let status = mine.wait();
+    assert!(status.success(), "cluster up exited with {status}");
+    // The other one still answers.
+    let (code, body) = other.api("GET", "/v1/nodes", "");
+    assert_eq!(code, 200, "{body}");
+    let none = particle()
+        .args(["cluster", "down", "--port", "17733"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&none.stdout).contains("no local cluster running"));
 }

@@ -107,9 +107,8 @@ grep -q '^CapEff:[[:space:]]*0*$' /proc/self/status && echo "probe capabilities 
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json_end = stdout.find("\n--- rank").unwrap_or(stdout.len());
-    let a: Value = serde_json::from_str(&stdout[..json_end]).unwrap();
+    // --json with --output: one JSON document, outputs inside.
+    let a: Value = serde_json::from_slice(&out.stdout).unwrap();
     for f in a["functions"].as_array().unwrap() {
         let output = f["output"].as_str().unwrap_or_default();
         let v = verdicts(output);

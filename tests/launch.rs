@@ -33,9 +33,8 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::text(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json_end = stdout.find("\n--- rank").unwrap_or(stdout.len());
-    let job: serde_json::Value = serde_json::from_str(&stdout[..json_end]).unwrap();
+    // --json with --output: stdout is one JSON document, outputs inside.
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
     let functions = job["functions"].as_array().unwrap();
     assert_eq!(functions.len(), 100);

@@ -150,7 +150,7 @@ impl LocalCluster {
         }
         particle_net::limits::raise_open_files()?;
         let run = Run::start()?;
-        let dir = ClusterDir::create(run.prefix(), opts.mode)?;
+        let dir = ClusterDir::create(run.prefix(), opts.mode, opts.port)?;
         let mut fabric = ScratchNode::new(run.prefix(), AddressBlock::parse(&opts.underlay)?)
             .context("creating the underlay")?;
         let hosts = fabric.hosts(opts.nodes).context("creating the nodes")?;
@@ -370,11 +370,37 @@ pub fn running() -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// Stops every running process cluster (SIGTERM to the process that holds
-/// it, then waits for its directory to go); returns each one's prefix.
-pub fn stop_all() -> Result<Vec<String>> {
+/// Which running clusters to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Which {
+    /// The one whose controller (and relay) is on this port.
+    Port(u16),
+    /// The one with this run prefix.
+    Prefix(String),
+    /// Every one on the machine.
+    All,
+}
+
+impl Which {
+    fn matches(&self, prefix: &str, dir: &Path) -> bool {
+        match self {
+            Self::All => true,
+            Self::Prefix(p) => p == prefix,
+            Self::Port(port) => std::fs::read_to_string(dir.join("port"))
+                .is_ok_and(|p| p.trim() == port.to_string()),
+        }
+    }
+}
+
+/// Stops the running process clusters `which` names (SIGTERM to the process
+/// that holds each, then waits for its directory to go); returns each one's
+/// prefix.
+pub fn stop(which: &Which) -> Result<Vec<String>> {
     let mut stopped = Vec::new();
     for (prefix, dir) in running() {
+        if !which.matches(&prefix, &dir) {
+            continue;
+        }
         let Some(pid) = cluster_process(&dir) else {
             continue;
         };
@@ -422,12 +448,12 @@ fn process_start(pid: i32) -> Option<String> {
 
 /// A cluster's directory (token, logs, sockets), removed when the cluster
 /// stops. A process cluster's is named so that [`running`] finds it and holds
-/// the pid that [`stop_all`] signals; an in-process one is nobody else's
+/// the pid that [`stop`] signals; an in-process one is nobody else's
 /// business.
 struct ClusterDir(PathBuf);
 
 impl ClusterDir {
-    fn create(prefix: &RunPrefix, mode: Mode) -> Result<Self> {
+    fn create(prefix: &RunPrefix, mode: Mode, port: u16) -> Result<Self> {
         let label = match mode {
             Mode::Processes => prefix.label(&CLUSTER_SUFFIX[1..]),
             Mode::InProcess => prefix.label("in-process"),
@@ -440,6 +466,8 @@ impl ClusterDir {
             let me = std::process::id();
             let start = process_start(me as i32).context("reading this process's start time")?;
             std::fs::write(dir.0.join("pid"), format!("{me} {start}"))?;
+            // How `cluster down --port` tells this cluster from the others.
+            std::fs::write(dir.0.join("port"), port.to_string())?;
         }
         Ok(dir)
     }

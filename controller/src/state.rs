@@ -875,7 +875,7 @@ mod tests {
             "red".into(),
             PoolLevel {
                 ready: 7,
-                claimed: 1,
+                claims_total: 1,
                 build_errors: 0,
             },
         );

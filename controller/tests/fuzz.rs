@@ -407,7 +407,7 @@ fn register_body(closed_ports: Vec<u16>) -> BoxedStrategy<Value> {
 fn heartbeat_body() -> BoxedStrategy<Value> {
     let level = object(vec![
         field("ready", count()),
-        field("claimed", count()),
+        field("claims_total", count()),
         field("build_errors", count()),
     ]);
     object(vec![maybe(

@@ -111,7 +111,7 @@ pub fn take_one(tenant: &TenantClaim, free: Option<&FreePool>) -> Result<PooledE
 pub fn pool_level(s: &PoolStats) -> PoolLevel {
     PoolLevel {
         ready: s.ready,
-        claimed: s.claimed,
+        claims_total: s.claimed,
         build_errors: s.build_errors,
     }
 }

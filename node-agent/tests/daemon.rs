@@ -251,7 +251,7 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
             .await
             .unwrap();
         let n1 = nodes.iter().find(|n| n.name == "n1").unwrap();
-        if n1.pools.get("b").is_some_and(|p| p.claimed == 1) {
+        if n1.pools.get("b").is_some_and(|p| p.claims_total == 1) {
             break;
         }
         assert!(

@@ -108,7 +108,7 @@ fn nodes_apply_overlay_state_and_serve_warm_endpoints() {
         "tenant a reached tenant b"
     );
     assert!(nodes[0].claim("nobody").is_err());
-    assert_eq!(nodes[1].pool_levels()["a"].claimed, 1);
+    assert_eq!(nodes[1].pool_levels()["a"].claims_total, 1);
 
     // Tenant a's warm pool on node 0 runs dry (and its refill is slower than
     // the claims): the tenant-free pool binds endpoints to tenant a instead.

@@ -91,8 +91,86 @@ pub fn collect_links(socket: &mut NetlinkSocket) -> GcReport {
     report
 }
 
-/// Removes the lock files of dead runs (after their objects are gone).
+/// Namespaces of dead runs mounted under `/run/netns` before the directory
+/// became a mount of its own (see `make_run_dir_a_mount_point`), and so
+/// hidden beneath it: the directory's mount is moved aside for a moment (its
+/// own entries go with it and come back), the hidden mounts are removed, and
+/// it is moved back.
+pub fn collect_hidden_namespaces() -> GcReport {
+    let mut report = GcReport::default();
+    let Ok(mounts) = fs::read_to_string("/proc/thread-self/mountinfo") else {
+        return report;
+    };
+    let mounts: Vec<Vec<&str>> = mounts.lines().map(|l| l.split(' ').collect()).collect();
+    // Fields: id, parent id, major:minor, root, mount point, ...
+    // The top-most mount there, if the directory was bound over itself twice.
+    let Some(dir) = mounts
+        .iter()
+        .rev()
+        .find(|m| m.get(4) == Some(&NETNS_RUN_DIR))
+    else {
+        return report; // nothing can be hidden beneath a mount that is not there
+    };
+    let below = format!("{NETNS_RUN_DIR}/");
+    let hidden: Vec<String> = mounts
+        .iter()
+        .filter(|m| m.get(1) != dir.first() && m.get(4).is_some_and(|p| p.starts_with(&below)))
+        .filter_map(|m| m.get(4)?.strip_prefix(&below).map(str::to_string))
+        .filter(|name| dead_run(name).is_some())
+        .collect();
+    if hidden.is_empty() {
+        return report;
+    }
+    let aside = Path::new(RUN_DIR).join(format!("netns-aside-{}", std::process::id()));
+    let moved = fs::create_dir_all(&aside)
+        .map_err(|e| e.to_string())
+        .and_then(|()| move_mount(Path::new(NETNS_RUN_DIR), &aside));
+    if let Err(e) = moved {
+        report
+            .errors
+            .push(format!("moving {NETNS_RUN_DIR} aside: {e}"));
+        let _ = fs::remove_dir(&aside);
+        return report;
+    }
+    for name in hidden {
+        // A recursive bind of the directory may hold a copy of the hidden
+        // mount on the same file: that copy goes too, or the file stays busy.
+        let _ = nix::mount::umount2(&aside.join(&name), nix::mount::MntFlags::MNT_DETACH);
+        match unmount_path(&Path::new(NETNS_RUN_DIR).join(&name)) {
+            Ok(()) => report.namespaces.push(name),
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
+    if let Err(e) = move_mount(&aside, Path::new(NETNS_RUN_DIR)) {
+        report.errors.push(format!(
+            "moving {NETNS_RUN_DIR} back from {}: {e}",
+            aside.display()
+        ));
+        return report;
+    }
+    let _ = fs::remove_dir(&aside);
+    report
+}
+
+fn move_mount(from: &Path, to: &Path) -> Result<(), String> {
+    nix::mount::mount(
+        Some(from),
+        to,
+        None::<&str>,
+        nix::mount::MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Removes the lock files of dead runs once their objects are gone; a run
+/// whose objects could not all be removed keeps its lock, so the next
+/// collection still knows them for a dead run's and tries again.
 pub fn collect_run_locks() -> GcReport {
+    collect_run_locks_except(&[])
+}
+
+fn collect_run_locks_except(failed: &[String]) -> GcReport {
     let mut report = GcReport::default();
     let Ok(entries) = fs::read_dir(RUN_DIR) else {
         return report;
@@ -102,6 +180,9 @@ pub fn collect_run_locks() -> GcReport {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let prefix = name.strip_suffix(".lock")?;
+            if failed.iter().any(|f| f.contains(prefix)) {
+                return None;
+            }
             dead_run(prefix).map(|_| e.path())
         })
         .collect();
@@ -123,9 +204,11 @@ pub fn collect_run_locks() -> GcReport {
 /// (if given), then the dead runs' lock files.
 pub fn collect(socket: Option<&mut NetlinkSocket>) -> GcReport {
     let mut report = collect_mounted_namespaces();
+    report.merge(collect_hidden_namespaces());
     if let Some(socket) = socket {
         report.merge(collect_links(socket));
     }
-    report.merge(collect_run_locks());
+    let locks = collect_run_locks_except(&report.errors);
+    report.merge(locks);
     report
 }

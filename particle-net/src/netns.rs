@@ -215,6 +215,7 @@ impl NetNs {
             )));
         }
         fs::create_dir_all(NETNS_RUN_DIR).map_err(mount_err)?;
+        make_run_dir_a_mount_point().map_err(mount_err)?;
         // create_new: never mount over a namespace someone else named so.
         fs::OpenOptions::new()
             .write(true)
@@ -285,6 +286,37 @@ impl NetNs {
 }
 
 /// Removes a namespace bind mount and its mount point file.
+/// Makes `/run/netns` a shared mount of its own, as `ip netns add` does the
+/// first time: a namespace mounted there before that would be hidden when
+/// `ip` later bind-mounts the directory over itself, and could then be
+/// neither seen nor removed by path.
+fn make_run_dir_a_mount_point() -> io::Result<()> {
+    let shared = || {
+        mount(
+            None::<&str>,
+            NETNS_RUN_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared() {
+        Ok(()) => Ok(()),
+        // Not a mount point yet: bind it over itself, then share it.
+        Err(nix::errno::Errno::EINVAL) => {
+            mount(
+                Some(NETNS_RUN_DIR),
+                NETNS_RUN_DIR,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )?;
+            Ok(shared()?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn unmount_path(path: &Path) -> Result<(), NetNsError> {
     let err = |source| NetNsError::Unmount {
         path: path.to_owned(),

@@ -98,8 +98,12 @@ pub struct RegisterNode {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PoolLevel {
+    /// Warm endpoints ready now (a level).
     pub ready: usize,
-    pub claimed: u64,
+    /// Endpoints claimed since the pool started (a counter, not a level).
+    #[serde(alias = "claimed")]
+    pub claims_total: u64,
+    /// Builds that failed since the pool started (a counter).
     pub build_errors: u64,
 }
 

@@ -289,6 +289,6 @@ fn containers_on_two_nodes_get_overlay_addresses_through_the_plugin() {
     nodes.wait_ready("a", 4, Duration::from_secs(10)).unwrap();
     for (i, claimed) in [(0, 0), (1, 1)] {
         let status = nodes.request(i, &json!({"op":"status"})).unwrap();
-        assert_eq!(status["pools"]["a"]["claimed"], claimed, "{status}");
+        assert_eq!(status["pools"]["a"]["claims_total"], claimed, "{status}");
     }
 }

@@ -244,7 +244,7 @@ fn podman_containers_on_two_nodes_reach_each_other_over_particle() {
     // Node 1 lent a warm endpoint; node 0 plugged a pair on the warm bridge.
     for (i, claimed) in [(0, 0), (1, 1)] {
         let status = nodes.request(i, &json!({"op":"status"})).unwrap();
-        assert_eq!(status["pools"]["a"]["claimed"], claimed, "{status}");
+        assert_eq!(status["pools"]["a"]["claims_total"], claimed, "{status}");
     }
 
     // Removing the containers runs CNI DEL: the interfaces go back to their
