@@ -168,11 +168,12 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
             .filter(|f| f.state != FunctionState::Failed)
             .count();
         eprintln!(
-            "job {}: {started}/{} functions started in {:.1} ms ({} warm, {} cold endpoints)",
+            "job {}: {started}/{} functions started in {:.1} ms ({} warm, {} bound, {} cold endpoints)",
             job.id,
             job.functions.len(),
             job.launch_ms,
             job.warm,
+            job.bound,
             job.cold
         );
         if args.detach {

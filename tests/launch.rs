@@ -124,3 +124,45 @@ fn a_burst_reaches_peers_across_nodes_and_bad_jobs_are_refused() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A burst larger than the warm pools on a cluster with its tenant-free
+/// pools: the rest is built in one batch (not bound one at a time), and the
+/// job's counts say truly where each endpoint came from.
+#[test]
+fn a_burst_past_the_warm_pools_reports_true_counts() {
+    let cluster = common::Cluster::up(
+        2,
+        17_753,
+        "10.214.8.0/24",
+        &["--pool-size", "2", "--free-pool-size", "4"],
+    );
+    cluster.create_tenant("d", 320, "10.33.0.0/16", 2);
+    for socket in &cluster.sockets {
+        common::eventually("tenant d's pools are warm", || {
+            let out = common::particle()
+                .args(["local", "--socket", socket, r#"{"op":"status"}"#])
+                .output()
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["pools"]["d"]["ready"].as_u64() >= Some(2))
+        });
+    }
+    let out = cluster
+        .command(&["launch"])
+        .args(["--tenant", "d", "-n", "12", "--json", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::text(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |k: &str| job[k].as_u64().unwrap();
+    let functions = job["functions"].as_array().unwrap();
+    let flagged = |k: &str| functions.iter().filter(|f| f[k] == true).count() as u64;
+    assert_eq!(count("warm") + count("bound") + count("cold"), 12, "{job}");
+    assert_eq!(count("bound"), 0, "bursts do not bind: {job}");
+    assert_eq!((count("warm"), count("cold")), (4, 8), "{job}");
+    assert_eq!(
+        (flagged("cold"), flagged("bound")),
+        (count("cold"), 0),
+        "{job}"
+    );
+}

@@ -1,8 +1,12 @@
 //! The claim path: how a node hands out endpoints. Every claim, whether a
 //! burst's reserve, an operator's `claim` on the local socket or a runtime's
 //! `attach`, goes through [`take`]: warm endpoints of the tenant's own pool
-//! first (no netlink, microseconds), then tenant-free ones bound to the
-//! tenant, then, for a burst, the rest built right now in one batch.
+//! first (no netlink, microseconds); then, for a single claim, a tenant-free
+//! one bound to the tenant; for a burst, the rest built right now in one
+//! batch. Bursts do not bind: binds go one at a time (three netlink round
+//! trips each, behind the tenant-free refiller), and a burst of 200 `true`
+//! on three default nodes took 3.9–4.6 s that way against 0.47–0.73 s built
+//! in one batch.
 //!
 //! [`Claims`] is the claim path's view of the node: a snapshot of every
 //! tenant's pool (replaced after each overlay change, so a claim never waits
@@ -39,21 +43,23 @@ pub enum Origin {
     Cold,
 }
 
-/// Whether a claim that finds the pools dry may build what is missing.
+/// What a claim does when the tenant's warm pool runs dry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WhenDry {
-    /// Build the rest now, in one batch (a burst: it must start).
+    /// Build the rest now, in one batch (a burst: it must start, and a
+    /// batch is faster than binding one by one).
     Build,
-    /// Answer with what the pools had (single claims: stay microseconds).
-    Refuse,
+    /// Bind a tenant-free endpoint, or answer that there is none (single
+    /// claims: never a build on the spot).
+    Bind,
 }
 
 /// An endpoint claimed and where it came from, or why there is none.
 pub type Claimed = Result<(PooledEndpoint, Origin), String>;
 
 /// The one claim decision: up to `n` endpoints of `tenant`, warm first, then
-/// tenant-free, then (if `when_dry` allows) cold. With [`WhenDry::Refuse`]
-/// the result may be shorter than `n`, ending with the reason.
+/// as `when_dry` says. With [`WhenDry::Bind`] the result may be shorter than
+/// `n`, ending with the reason.
 pub fn take(
     tenant: &TenantClaim,
     free: Option<&FreePool>,
@@ -71,7 +77,7 @@ pub fn take(
             }
         }
     }
-    if let Some(free) = free {
+    if let (Some(free), WhenDry::Bind) = (free, when_dry) {
         while out.len() < n {
             match free.claim_for(&tenant.pool, &tenant.binder) {
                 Ok(ep) => out.push(Ok((ep, Origin::Bound))),
@@ -94,14 +100,14 @@ pub fn take(
                 .into_iter()
                 .map(|r| r.map(|ep| (ep, Origin::Cold)).map_err(|e| e.to_string())),
         ),
-        WhenDry::Refuse => out.push(Err(dry.unwrap_or_else(|| "no endpoint".into()))),
+        WhenDry::Bind => out.push(Err(dry.unwrap_or_else(|| "no endpoint".into()))),
     }
     out
 }
 
 /// One endpoint from the pools, never built on the spot.
 pub fn take_one(tenant: &TenantClaim, free: Option<&FreePool>) -> Result<PooledEndpoint, String> {
-    match take(tenant, free, 1, WhenDry::Refuse).pop() {
+    match take(tenant, free, 1, WhenDry::Bind).pop() {
         Some(claimed) => claimed.map(|(ep, _)| ep),
         None => Err("no endpoint".into()),
     }

@@ -167,6 +167,7 @@ impl NodeJobs {
                         rank: *rank,
                         address: Some(address),
                         cold: origin == Origin::Cold,
+                        bound: origin == Origin::Bound,
                         error: None,
                     });
                     functions.insert(
@@ -183,6 +184,7 @@ impl NodeJobs {
                     rank: *rank,
                     address: None,
                     cold: true,
+                    bound: false,
                     error: Some(e),
                 }),
             }

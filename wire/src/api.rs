@@ -245,6 +245,9 @@ pub struct FunctionStatus {
     pub exit_code: Option<i32>,
     /// Its endpoint was built for it (the warm pool had run dry).
     pub cold: bool,
+    /// Its endpoint came from the node's tenant-free pool, bound to the tenant.
+    #[serde(default)]
+    pub bound: bool,
     pub error: Option<String>,
     /// The end of what it printed (only with `?output=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,8 +260,11 @@ pub struct Job {
     pub tenant: String,
     pub state: JobState,
     pub functions: Vec<FunctionStatus>,
-    /// Endpoints taken from warm pools / built during the launch.
+    /// Endpoints taken from the tenant's warm pools / bound from tenant-free
+    /// pools / built during the launch.
     pub warm: usize,
+    #[serde(default)]
+    pub bound: usize,
     pub cold: usize,
     /// From the request to every function started, milliseconds.
     pub launch_ms: f64,
@@ -292,6 +298,9 @@ pub struct ReservedEndpoint {
     /// `None` with `error` set when no endpoint could be had.
     pub address: Option<Ipv4Addr>,
     pub cold: bool,
+    /// Bound from the tenant-free pool (neither warm nor cold).
+    #[serde(default)]
+    pub bound: bool,
     pub error: Option<String>,
 }
 

@@ -99,6 +99,7 @@ fn reserved_functions(
             state: FunctionState::Failed,
             exit_code: None,
             cold: false,
+            bound: false,
             error: Some("no endpoint".into()),
             output: None,
         })
@@ -114,6 +115,7 @@ fn reserved_functions(
                     if let Some(f) = functions.get_mut(ep.rank) {
                         f.address = ep.address;
                         f.cold = ep.cold;
+                        f.bound = ep.bound;
                         f.error = ep.error;
                         if ep.address.is_some() {
                             f.state = FunctionState::Running;
@@ -154,8 +156,9 @@ fn running_record(
 ) -> JobRecord {
     let warm = functions
         .iter()
-        .filter(|f| f.address.is_some() && !f.cold)
+        .filter(|f| f.address.is_some() && !f.cold && !f.bound)
         .count();
+    let bound = functions.iter().filter(|f| f.bound).count();
     let cold = functions.iter().filter(|f| f.cold).count();
     JobRecord {
         job: Job {
@@ -164,6 +167,7 @@ fn running_record(
             state: JobState::Running,
             functions,
             warm,
+            bound,
             cold,
             launch_ms: 0.0,
             duration_ms: None,

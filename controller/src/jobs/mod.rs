@@ -412,6 +412,7 @@ mod tests {
                 state: FunctionState::Running,
                 exit_code: None,
                 cold: false,
+                bound: false,
                 error: None,
                 output: None,
             })
@@ -425,6 +426,7 @@ mod tests {
                     state: JobState::Running,
                     functions,
                     warm: 4,
+                    bound: 0,
                     cold: 0,
                     launch_ms: 1.0,
                     duration_ms: None,
