@@ -15,6 +15,7 @@ pub mod attach;
 pub mod bridge;
 pub mod endpoint;
 pub mod gc;
+pub mod guard;
 pub mod ipam;
 pub mod limits;
 pub mod names;
