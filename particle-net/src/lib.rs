@@ -24,6 +24,7 @@ pub mod netns;
 pub mod overlay;
 pub mod pool;
 pub mod scratch;
+mod sysctl;
 pub mod warm;
 
 pub use endpoint::{Endpoint, EndpointError, EndpointFactory, EndpointSpec, UnboundEndpoint};

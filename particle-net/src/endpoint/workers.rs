@@ -12,11 +12,12 @@ use crate::guard::{self, PortIdentity};
 use crate::names::{IfName, RunPrefix};
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request, RequestError};
 use crate::netns::NetNs;
+use crate::sysctl::SysctlWriter;
 
 /// Lets every group ping without privileges (ICMP echo sockets): the
 /// kernel default (`1 0`, nobody) stops a function without capabilities
 /// from pinging. Per network namespace, so set in each endpoint's.
-const PING_GROUP_RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
+const PING_GROUP_RANGE: &str = "net/ipv4/ping_group_range";
 const PING_GROUPS_ALL: &[u8] = b"0 2147483647";
 
 /// One endpoint's build, as a worker reports it.
@@ -71,6 +72,7 @@ pub(super) fn worker_main(
             return;
         }
     };
+    let mut sysctl = SysctlWriter::for_this_thread();
     let mut nice = 0;
     for job in jobs {
         if job.priority.nice() != nice {
@@ -79,7 +81,7 @@ pub(super) fn worker_main(
                 Err(e) => tracing::debug!("endpoint worker priority: {e}"),
             }
         }
-        let (results, home_lost) = build(&home, &mut host, bridge, &prefix, job.items);
+        let (results, home_lost) = build(&home, &mut host, &mut sysctl, bridge, &prefix, job.items);
         let _ = job.reply.send((job.slot, results));
         if home_lost {
             // This thread is stranded in an endpoint's namespace; stop taking work.
@@ -104,12 +106,13 @@ struct Staged {
 fn build(
     home: &NetNs,
     host: &mut NetlinkSocket,
+    sysctl: &mut SysctlWriter,
     bridge: Option<u32>,
     prefix: &RunPrefix,
     items: Vec<(u64, Option<EndpointSpec>)>,
 ) -> (Vec<BuildOutcome>, bool) {
     let started = Instant::now();
-    let (mut results, staged, home_lost) = stage_namespaces(home, prefix, items);
+    let (mut results, staged, home_lost) = stage_namespaces(home, sysctl, prefix, items);
     let namespaces_done = started.elapsed();
     let pairs = create_veth_pairs(host, bridge, &staged);
     let pairs_done = started.elapsed();
@@ -134,6 +137,7 @@ fn build(
 /// the thread lost its home namespace (the items after that are not tried).
 fn stage_namespaces(
     home: &NetNs,
+    sysctl: &mut SysctlWriter,
     prefix: &RunPrefix,
     items: Vec<(u64, Option<EndpointSpec>)>,
 ) -> (Vec<Option<BuildOutcome>>, Vec<(usize, Staged)>, bool) {
@@ -147,7 +151,7 @@ fn stage_namespaces(
             ))));
             continue;
         }
-        match stage(home, prefix, id, spec, &mut home_lost) {
+        match stage(home, sysctl, prefix, id, spec, &mut home_lost) {
             Ok(s) => {
                 results.push(None);
                 staged.push((i, s));
@@ -163,6 +167,7 @@ fn stage_namespaces(
 /// not move back.
 fn stage(
     home: &NetNs,
+    sysctl: &mut SysctlWriter,
     prefix: &RunPrefix,
     id: u64,
     spec: Option<EndpointSpec>,
@@ -173,13 +178,13 @@ fn stage(
     // Both while this thread is inside: the socket stays bound to the
     // namespace, and /proc/sys/net is the namespace of the thread opening it.
     let socket = NetlinkSocket::open();
-    let sysctl = std::fs::write(PING_GROUP_RANGE, PING_GROUPS_ALL);
+    let opened = sysctl.write(PING_GROUP_RANGE, PING_GROUPS_ALL);
     // Back home before anything else, even if the socket failed.
     if let Err(e) = home.enter_current_thread() {
         *home_lost = true;
         return Err(e.into());
     }
-    sysctl.map_err(EndpointError::Sysctl)?;
+    opened.map_err(EndpointError::Sysctl)?;
     Ok(Staged {
         id,
         spec,
