@@ -6,10 +6,13 @@
 //! bridge. Building one costs:
 //!
 //! 1. `unshare(CLONE_NEWNET)` on a worker thread, keeping the namespace by fd,
-//!    and opening a netlink socket right there (it stays bound to it);
+//!    opening a netlink socket right there (it stays bound to it) and opening
+//!    its `ping_group_range` to every group;
 //! 2. ONE request in the node's namespace creating the pair with its peer
 //!    placed straight into the endpoint's namespace as `eth0`, index 2, and the
-//!    host end up and attached to the bridge: many such requests per datagram;
+//!    host end up and attached to the bridge, then the requests locking that
+//!    port to the endpoint's MAC and address ([`crate::guard`]): many per
+//!    datagram; then the router's permanent ARP entries;
 //! 3. ONE datagram on the endpoint's socket: `lo` up, `eth0` up, address,
 //!    default route.
 //!

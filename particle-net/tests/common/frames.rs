@@ -145,9 +145,7 @@ impl RawSocket {
                 continue;
             }
             let frame = &buf[..n as usize];
-            if addr.sll_pkttype != libc::PACKET_OUTGOING
-                && frame.windows(4).any(|w| w == b"PTSP")
-            {
+            if addr.sll_pkttype != libc::PACKET_OUTGOING && frame.windows(4).any(|w| w == b"PTSP") {
                 frames.push(frame.to_vec());
             }
         }
