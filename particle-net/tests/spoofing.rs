@@ -325,14 +325,18 @@ fn unprivileged_ping_and_tcp(from: &Host, to: &Host) {
         conn.read_exact(&mut buf).unwrap();
         conn.write_all(&buf).unwrap();
     });
-    let status = from
+    let out = from
         .ns
         .command(std::env::current_exe().unwrap())
         .args(["--exact", "unprivileged_probe_child", "--test-threads=1"])
         .env(PROBE_PEER, SocketAddr::from((to.ip, port)).to_string())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "the unprivileged probe failed");
+    assert!(
+        out.status.success(),
+        "the unprivileged probe failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     server.join().unwrap();
 }
 
@@ -361,4 +365,79 @@ fn unprivileged_probe_child() {
     let mut back = [0u8; 5];
     conn.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"hello");
+}
+
+/// `ip`/`tc`/`bridge` output in the router namespace.
+fn router_tool(router: &NetNs, tool: &str, args: &[&str]) -> String {
+    let out = router.command(tool).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether the port `host` is locked as [`particle_net::guard`] says.
+fn port_is_locked(router: &NetNs, host: &str, mac: [u8; 6]) -> bool {
+    let link = router_tool(router, "ip", &["-d", "link", "show", host]);
+    let filter = router_tool(router, "tc", &["filter", "show", "dev", host, "ingress"]);
+    let fdb = router_tool(router, "bridge", &["fdb", "show", "dev", host]);
+    link.contains("learning off")
+        && link.contains("flood off")
+        && link.contains("locked on")
+        && filter.contains("bpf")
+        && filter.contains("direct-action")
+        && fdb.lines().any(|l| {
+            l.starts_with(&mac_string(mac)) && l.contains("sticky") && l.ends_with("static")
+        })
+}
+
+#[test]
+fn recycled_endpoints_keep_their_locks_and_destroyed_ones_leave_nothing() {
+    use particle_net::{EndpointPool, PoolConfig};
+    let t = scratch("10.214.0.0/24");
+    // Low watermark 0: claims never wake the refiller, so the recycler
+    // has room for the released endpoint and the next claim gets it.
+    let config = PoolConfig {
+        high_watermark: 3,
+        low_watermark: 0,
+        batch_size: 3,
+    };
+    let pool =
+        EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), config).unwrap();
+    pool.wait_ready(3, Duration::from_secs(20)).unwrap();
+    let mut claimed: Vec<_> = (0..3).map(|_| pool.claim().unwrap()).collect();
+    let first = claimed.remove(0);
+    let (id, host_name, mac) = (first.id(), first.host_ifname().to_string(), first.mac());
+    drop(first);
+    common::eventually("the recycle", Duration::from_secs(10), || {
+        pool.stats().recycled == 1
+    });
+    let again = pool.claim().unwrap();
+    assert_eq!(
+        again.id(),
+        id,
+        "the only pooled endpoint is the recycled one"
+    );
+    assert!(port_is_locked(&t.node.netns, &host_name, mac));
+    assert_guarded(
+        &t.node.netns,
+        &host(&again),
+        &host(&claimed[0]),
+        &host(&claimed[1]),
+    );
+
+    // Destroyed: the router forgets it; the port and its rules went with it.
+    let address = again.address().ip();
+    again.discard();
+    common::eventually("the destroy", Duration::from_secs(10), || {
+        pool.stats().destroyed == 1
+    });
+    assert_eq!(router_neighbour(&t.node.netns, address), "");
+    drop(claimed);
+    drop(pool);
+    let mut node = t.node;
+    common::eventually("teardown", Duration::from_secs(20), || {
+        node.extra_links().unwrap().is_empty()
+    });
+    let neighbours = router_tool(&node.netns, "ip", &["-4", "neigh", "show"]);
+    assert!(!neighbours.contains("PERMANENT"), "{neighbours}");
+    let fdb = router_tool(&node.netns, "bridge", &["fdb", "show"]);
+    assert!(!fdb.contains("static"), "{fdb}");
 }
