@@ -221,7 +221,7 @@ impl Attachments {
                 let prefix = self.prefix.as_ref().ok_or_else(|| {
                     AttachmentError::NoEndpoint("this agent has no run prefix to name pairs".into())
                 })?;
-                let host = attach::plug_host_name(prefix).map_err(AttachError::from)?;
+                let host = attach::plug_host(prefix).map_err(AttachError::from)?;
                 let spec = tenant.pool.allocate_spec().ok_or_else(|| {
                     AttachmentError::NoEndpoint(format!(
                         "tenant {}'s address block on this node is full",
@@ -238,7 +238,10 @@ impl Attachments {
                             .plug(&target, &mut there, name, &host, &spec)
                     });
                 match plugged {
-                    Ok(iface) => (spec, iface, Lent::Plugged { tenant, host, spec }),
+                    Ok(iface) => {
+                        let host = host.name;
+                        (spec, iface, Lent::Plugged { tenant, host, spec })
+                    }
                     Err(e) => {
                         tenant.pool.release_spec(spec);
                         return Err(e.into());
@@ -308,7 +311,7 @@ impl Attachments {
                     .binder
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .unplug(&host);
+                    .unplug(&host, spec.address.ip());
                 match unplugged {
                     Ok(()) => tenant.pool.release_spec(spec),
                     // The address stays taken rather than risk a duplicate.

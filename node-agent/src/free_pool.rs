@@ -1,6 +1,6 @@
 //! The tenant-free pool: endpoints built with no tenant and no address, bound
 //! to whichever tenant runs dry first. A burst of a tenant larger than its
-//! warm pool then costs a bind (three netlink round trips) per extra endpoint
+//! warm pool then costs a bind (four netlink round trips) per extra endpoint
 //! instead of a build, and a node needs no warm pool for tenants it rarely sees.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -49,7 +49,18 @@ fn encoding(c: &mut Criterion) {
     let addr: std::net::Ipv4Addr = "10.0.0.2".parse().expect("ip");
     let gw: std::net::Ipv4Addr = "10.0.0.1".parse().expect("ip");
     let endpoint = [
-        Request::create("veth", messages::veth_pair(&host, Some(3), &peer, 9, 2)),
+        Request::create(
+            "veth",
+            messages::veth_pair(&messages::VethPair {
+                host: &host,
+                host_index: 0,
+                master: Some(3),
+                peer: &peer,
+                peer_ns: 9,
+                peer_index: 2,
+                peer_mac: None,
+            }),
+        ),
         Request::change("lo", messages::set_up(1)),
         Request::change("eth0", messages::set_up(2)),
         Request::create("addr", messages::add_ipv4_address(2, addr, 24)),

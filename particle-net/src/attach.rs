@@ -18,6 +18,15 @@
 //! its router namespace and the peer created straight inside the runtime's
 //! namespace under the runtime's name, no move at all; the address comes from
 //! the tenant's warm block. docs/bench-cni.md has the numbers of both.
+//!
+//! Either way the host end's bridge port is locked to the interface's MAC
+//! and address ([`crate::guard`]) in the tenant's router, which the
+//! runtime cannot reach: a container keeping `CAP_NET_RAW`/`CAP_NET_ADMIN`
+//! (Podman's and Kubernetes' default) cannot spoof from it. A moved
+//! interface keeps the endpoint's port and its rules; a plugged pair gets
+//! them in the request that creates it. The runtime's namespace itself is
+//! the runtime's: its sysctls (`ping_group_range` among them, which
+//! endpoints built by Particle open to every group) are left as it set them.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -27,6 +36,7 @@ use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::endpoint::{Endpoint, EndpointSpec, ENDPOINT_IFINDEX, ENDPOINT_IFNAME};
+use crate::guard::{self, PortIdentity};
 use crate::names::{IfName, NameError, RunPrefix};
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request};
 use crate::netns::{NetNs, NetNsError};
@@ -309,60 +319,111 @@ fn configure_requests(spec: &EndpointSpec, index: u32) -> [Request; 3] {
 /// Host ends of plugged pairs: `<prefix>k<n>`, unique in the process.
 static NEXT_PLUG: AtomicU64 = AtomicU64::new(0);
 
-/// A fresh host-end name for [`TenantBinder::plug`].
-pub fn plug_host_name(prefix: &RunPrefix) -> Result<IfName, NameError> {
-    prefix.ifname('k', NEXT_PLUG.fetch_add(1, Ordering::Relaxed))
+/// The host end of a pair [`TenantBinder::plug`] makes: its name, and the
+/// index and MAC its port is locked to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlugHost {
+    pub name: IfName,
+    pub port: PortIdentity,
+}
+
+/// A fresh host end for [`TenantBinder::plug`].
+pub fn plug_host(prefix: &RunPrefix) -> Result<PlugHost, NameError> {
+    let n = NEXT_PLUG.fetch_add(1, Ordering::Relaxed);
+    Ok(PlugHost {
+        name: prefix.ifname('k', n)?,
+        port: PortIdentity::plug(n),
+    })
 }
 
 impl TenantBinder {
     /// Makes a veth pair for a runtime's namespace: `host` up on the
-    /// tenant's bridge in its router namespace, the peer created straight
-    /// in `target` as `ifname` (one request, no namespace move), then up with
-    /// `spec`'s address and default route there in one datagram. On failure
-    /// nothing is left (the pair is deleted). `there` is a socket in
-    /// `target`, opened by the caller (it takes a thread, so callers open it
-    /// before taking whatever lock guards the binder).
+    /// tenant's bridge in its router namespace, locked to the peer's MAC and
+    /// `spec`'s address, the peer created straight in `target` as `ifname`
+    /// (one datagram, no namespace move), then up with `spec`'s address and
+    /// default route there in one datagram, and the router's ARP entry for
+    /// it. On failure nothing is left (the pair and the entry are deleted).
+    /// `there` is a socket in `target`, opened by the caller (it takes a
+    /// thread, so callers open it before taking whatever lock guards the
+    /// binder).
     pub fn plug(
         &mut self,
         target: &NetNs,
         there: &mut NetlinkSocket,
         ifname: &IfName,
-        host: &IfName,
+        host: &PlugHost,
         spec: &EndpointSpec,
     ) -> Result<AttachedInterface, AttachError> {
         let (_, router, bridge) = self.parts();
-        router.execute_all(&[Request::create(
-            format!("create veth {host} with {ifname} in the runtime's namespace"),
-            messages::veth_pair(host, Some(bridge), ifname, target.as_raw_fd(), 0),
-        )])?;
-        let configured = lookup(there, ifname).and_then(|(index, mac)| {
-            there.execute_all(&configure_requests(spec, index))?;
-            Ok(AttachedInterface {
-                name: ifname.clone(),
-                index,
-                mac,
-            })
-        });
+        let ip = spec.address.ip();
+        let mut create = vec![Request::create(
+            format!(
+                "create veth {} with {ifname} in the runtime's namespace",
+                host.name
+            ),
+            messages::veth_pair(&messages::VethPair {
+                host: &host.name,
+                host_index: host.port.host_index,
+                master: Some(bridge),
+                peer: ifname,
+                peer_ns: target.as_raw_fd(),
+                peer_index: 0,
+                peer_mac: Some(host.port.mac),
+            }),
+        )];
+        create.extend(guard::lock_requests(&host.port, ip));
+        let configured = router
+            .execute_all(&create)
+            .map_err(AttachError::from)
+            .and_then(|()| lookup(there, ifname))
+            .and_then(|(index, mac)| {
+                there.execute_all(&configure_requests(spec, index))?;
+                router.execute_all(&[guard::router_neighbour(bridge, ip, host.port.mac)])?;
+                Ok(AttachedInterface {
+                    name: ifname.clone(),
+                    index,
+                    mac,
+                })
+            });
         if configured.is_err() {
-            let _ = router.execute_all(&[Request::change(
-                format!("delete half-plugged {host}"),
-                messages::delete_link(host.as_str()),
-            )]);
+            let _ = remove_plugged(router, bridge, &host.name, ip);
         }
         configured
     }
 
     /// Deletes a pair made by [`Self::plug`] (by its host end; the peer
-    /// goes with it). A pair already gone (its namespace died) is fine.
-    pub fn unplug(&mut self, host: &IfName) -> Result<(), AttachError> {
-        let (_, router, _) = self.parts();
-        match router.execute_all(&[Request::change(
+    /// goes with it, and the port's rules with the port) and the router's
+    /// ARP entry for `address`. What is already gone (the runtime's
+    /// namespace died with the pair) is fine.
+    pub fn unplug(&mut self, host: &IfName, address: Ipv4Addr) -> Result<(), AttachError> {
+        let (_, router, bridge) = self.parts();
+        remove_plugged(router, bridge, host, address)
+    }
+}
+
+fn remove_plugged(
+    router: &mut NetlinkSocket,
+    bridge: u32,
+    host: &IfName,
+    address: Ipv4Addr,
+) -> Result<(), AttachError> {
+    let outcomes = router.execute(&[
+        Request::change(
             format!("delete {host}"),
             messages::delete_link(host.as_str()),
-        )]) {
-            Ok(()) => Ok(()),
-            Err(NetlinkError::Request(e)) if e.errno() == Some(nix::libc::ENODEV) => Ok(()),
-            Err(e) => Err(e.into()),
+        ),
+        Request::change(
+            format!("delete the ARP entry of {address}"),
+            messages::delete_neighbour(bridge, address),
+        ),
+    ])?;
+    for outcome in outcomes {
+        match outcome {
+            Err(e) if !matches!(e.errno(), Some(nix::libc::ENODEV | nix::libc::ENOENT)) => {
+                return Err(NetlinkError::from(e).into())
+            }
+            _ => {}
         }
     }
+    Ok(())
 }

@@ -15,6 +15,7 @@ pub mod attach;
 pub mod bridge;
 pub mod endpoint;
 pub mod gc;
+pub mod guard;
 pub mod ipam;
 pub mod limits;
 pub mod names;
@@ -23,6 +24,7 @@ pub mod netns;
 pub mod overlay;
 pub mod pool;
 pub mod scratch;
+mod sysctl;
 pub mod warm;
 
 pub use endpoint::{Endpoint, EndpointError, EndpointFactory, EndpointSpec, UnboundEndpoint};

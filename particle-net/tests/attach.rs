@@ -136,8 +136,8 @@ fn a_pair_plugged_into_a_runtime_namespace_reaches_the_tenant_and_unplugs_clean(
     let (ns1, ns2) = (NetNs::create().unwrap(), NetNs::create().unwrap());
     let eth0 = IfName::new("eth0").unwrap();
     let (h1, h2) = (
-        attach::plug_host_name(&prefix).unwrap(),
-        attach::plug_host_name(&prefix).unwrap(),
+        attach::plug_host(&prefix).unwrap(),
+        attach::plug_host(&prefix).unwrap(),
     );
     let mut in1 = NetlinkSocket::open_in(&ns1).unwrap();
     let mut in2 = NetlinkSocket::open_in(&ns2).unwrap();
@@ -152,13 +152,13 @@ fn a_pair_plugged_into_a_runtime_namespace_reaches_the_tenant_and_unplugs_clean(
     );
 
     // A name clash in the runtime's namespace creates nothing.
-    let h3 = attach::plug_host_name(&prefix).unwrap();
+    let h3 = attach::plug_host(&prefix).unwrap();
     assert!(binder.plug(&ns1, &mut in1, &eth0, &h3, &spec(12)).is_err());
     assert_eq!(link_names(&ns1), ["lo", "eth0"]);
 
-    binder.unplug(&h1).unwrap();
+    binder.unplug(&h1.name, spec(10).address.ip()).unwrap();
     assert_eq!(link_names(&ns1), ["lo"], "the peer went with the host end");
-    binder.unplug(&h1).unwrap(); // already gone: fine
+    binder.unplug(&h1.name, spec(10).address.ip()).unwrap(); // already gone: fine
     assert!(matches!(
         attach::verify_spec(&spec(10), &ns1, &a),
         Err(AttachError::NoSuchInterface(_))

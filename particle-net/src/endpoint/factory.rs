@@ -211,6 +211,7 @@ impl EndpointFactory {
                         id: b.id,
                         netns: b.netns,
                         host_ifname: b.host_ifname,
+                        port: b.port,
                         spec,
                     })
                 })
@@ -229,6 +230,7 @@ impl EndpointFactory {
                     id: b.id,
                     netns: b.netns,
                     host_ifname: b.host_ifname,
+                    port: b.port,
                     socket: b.socket,
                 })
             })

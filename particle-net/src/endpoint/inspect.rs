@@ -16,6 +16,8 @@ pub struct LinkState {
     pub name: String,
     pub up: bool,
     pub master: Option<u32>,
+    /// The link's MAC, if it has an Ethernet one.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// An endpoint's links and IPv4 addresses (by link index), read from the kernel.
@@ -46,6 +48,7 @@ pub fn list_links(socket: &mut NetlinkSocket) -> Result<Vec<LinkState>, NetlinkE
                 name: messages::link_name(&l).unwrap_or_default().to_string(),
                 up: l.header.flags.contains(LinkFlags::Up),
                 master: messages::link_master(&l),
+                mac: messages::link_mac(&l),
             }),
             _ => None,
         })

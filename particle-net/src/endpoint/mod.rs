@@ -6,10 +6,13 @@
 //! bridge. Building one costs:
 //!
 //! 1. `unshare(CLONE_NEWNET)` on a worker thread, keeping the namespace by fd,
-//!    and opening a netlink socket right there (it stays bound to it);
+//!    opening a netlink socket right there (it stays bound to it) and opening
+//!    its `ping_group_range` to every group;
 //! 2. ONE request in the node's namespace creating the pair with its peer
 //!    placed straight into the endpoint's namespace as `eth0`, index 2, and the
-//!    host end up and attached to the bridge: many such requests per datagram;
+//!    host end up and attached to the bridge, then the requests locking that
+//!    port to the endpoint's MAC and address ([`crate::guard`]): many per
+//!    datagram; then the router's permanent ARP entries;
 //! 3. ONE datagram on the endpoint's socket: `lo` up, `eth0` up, address,
 //!    default route.
 //!
@@ -37,6 +40,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
+use crate::guard::PortIdentity;
 use crate::names::{IfName, NameError};
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, RequestError};
 use crate::netns::{NetNs, NetNsError};
@@ -64,6 +68,8 @@ pub enum EndpointError {
     Name(#[from] NameError),
     #[error("the endpoint factory's worker stopped: {0}")]
     WorkerGone(String),
+    #[error("cannot set the endpoint's ping_group_range: {0}")]
+    Sysctl(#[source] std::io::Error),
 }
 
 /// What an endpoint should look like.
@@ -94,6 +100,8 @@ pub struct Endpoint {
     id: u64,
     netns: NetNs,
     host_ifname: IfName,
+    /// The host end's index and `eth0`'s MAC, which its port is locked to.
+    port: PortIdentity,
     spec: EndpointSpec,
 }
 
@@ -119,6 +127,17 @@ impl Endpoint {
         self.spec.address
     }
 
+    /// `eth0`'s MAC, the only one its bridge port forwards from.
+    pub fn mac(&self) -> [u8; 6] {
+        self.port.mac
+    }
+
+    /// The host end's index in the namespace it was built in (or bound
+    /// to) and `eth0`'s MAC: what [`crate::guard`] locks the port to.
+    pub fn port(&self) -> PortIdentity {
+        self.port
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         self.spec.gateway
     }
@@ -130,10 +149,16 @@ impl Endpoint {
     }
 
     /// Whether the namespace holds exactly what it was built with: `lo` and
-    /// `eth0`, up, and only its own IPv4 addresses. A function that added an
-    /// interface or an address leaves an endpoint that must not be reused.
+    /// `eth0`, up, `eth0` with its MAC, and only its own IPv4 addresses. A
+    /// function that added an interface or an address, or changed the MAC
+    /// (its port would drop all it sends), leaves an endpoint that must not
+    /// be reused.
     pub fn is_clean(&self) -> Result<bool, EndpointError> {
         let state = self.inspect()?;
+        let mac_kept = state
+            .links
+            .iter()
+            .any(|l| l.index == ENDPOINT_IFINDEX && l.mac == Some(self.port.mac));
         let mut links: Vec<_> = state
             .links
             .iter()
@@ -151,7 +176,7 @@ impl Endpoint {
             (ENDPOINT_IFINDEX, self.address().to_string()),
         ];
         expected_addrs.sort();
-        Ok(links == [(ENDPOINT_IFNAME, true), ("lo", true)] && addrs == expected_addrs)
+        Ok(mac_kept && links == [(ENDPOINT_IFNAME, true), ("lo", true)] && addrs == expected_addrs)
     }
 
     /// Forgets every neighbour (ARP) entry the endpoint learnt: the peers

@@ -3,6 +3,7 @@
 
 use super::workers::address_requests;
 use super::{Endpoint, EndpointError, EndpointSpec};
+use crate::guard::{self, PortIdentity};
 use crate::names::IfName;
 use crate::netlink::{messages, NetlinkSocket, Request};
 use crate::netns::NetNs;
@@ -16,6 +17,9 @@ pub struct UnboundEndpoint {
     pub(super) id: u64,
     pub(super) netns: NetNs,
     pub(super) host_ifname: IfName,
+    /// `eth0`'s MAC (set at build) and the index the host end takes in the
+    /// router it is bound to.
+    pub(super) port: PortIdentity,
     /// A socket inside, so binding needs no thread to enter the namespace.
     pub(super) socket: NetlinkSocket,
 }
@@ -30,10 +34,12 @@ impl UnboundEndpoint {
     }
 
     /// Binds the endpoint to a tenant: moves its host end from the namespace
-    /// `home` is a socket in into `target` (the tenant's router), attaches it
-    /// to `bridge` there and up through `target_socket`, and gives the inside
-    /// its address and route. Three round trips. On failure the endpoint is
-    /// destroyed with everything it had.
+    /// `home` is a socket in into `target` (the tenant's router) under its
+    /// port's index, attaches it to `bridge` there, up and locked to the
+    /// endpoint's MAC and address ([`crate::guard`]) through
+    /// `target_socket`, gives the inside its address and route, and the
+    /// router its ARP entry. Four round trips. On failure the endpoint is
+    /// destroyed with everything it had (the rules go with its port).
     pub fn bind(
         mut self,
         home: &mut NetlinkSocket,
@@ -43,19 +49,28 @@ impl UnboundEndpoint {
         spec: EndpointSpec,
     ) -> Result<Endpoint, EndpointError> {
         let name = &self.host_ifname;
+        let ip = spec.address.ip();
         home.execute_all(&[Request::change(
             format!("move {name} to the tenant"),
-            messages::move_to_netns(name, std::os::fd::AsRawFd::as_raw_fd(target)),
+            messages::move_to_netns_as(
+                name,
+                std::os::fd::AsRawFd::as_raw_fd(target),
+                self.port.host_index,
+            ),
         )])?;
-        target_socket.execute_all(&[Request::change(
+        let mut attach = vec![Request::change(
             format!("attach {name} to the tenant bridge"),
             messages::attach_up(name, bridge),
-        )])?;
+        )];
+        attach.extend(guard::lock_requests(&self.port, ip));
+        target_socket.execute_all(&attach)?;
         self.socket.execute_all(&address_requests(&spec))?;
+        target_socket.execute_all(&[guard::router_neighbour(bridge, ip, self.port.mac)])?;
         Ok(Endpoint {
             id: self.id,
             netns: self.netns,
             host_ifname: self.host_ifname,
+            port: self.port,
             spec,
         })
     }

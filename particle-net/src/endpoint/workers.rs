@@ -1,15 +1,24 @@
 //! The factory's worker threads. Each lives in the factory's home namespace
-//! and builds its share of a batch in the three steps the module describes:
-//! namespaces, then veth pairs, then the inside of each endpoint.
+//! and builds its share of a batch in the steps the module describes:
+//! namespaces, then veth pairs with their ports locked ([`crate::guard`]),
+//! then the router's ARP entries, then the inside of each endpoint.
 
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 use super::factory::{BuildPriority, EndpointFactory};
 use super::{EndpointError, EndpointSpec, ENDPOINT_IFINDEX, ENDPOINT_IFNAME};
+use crate::guard::{self, PortIdentity};
 use crate::names::{IfName, RunPrefix};
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request, RequestError};
 use crate::netns::NetNs;
+use crate::sysctl::SysctlWriter;
+
+/// Lets every group ping without privileges (ICMP echo sockets): the
+/// kernel default (`1 0`, nobody) stops a function without capabilities
+/// from pinging. Per network namespace, so set in each endpoint's.
+const PING_GROUP_RANGE: &str = "net/ipv4/ping_group_range";
+const PING_GROUPS_ALL: &[u8] = b"0 2147483647";
 
 /// One endpoint's build, as a worker reports it.
 pub(super) type BuildOutcome = Result<Built, EndpointError>;
@@ -29,6 +38,7 @@ pub(super) struct Built {
     pub(super) id: u64,
     pub(super) netns: NetNs,
     pub(super) host_ifname: IfName,
+    pub(super) port: PortIdentity,
     pub(super) spec: Option<EndpointSpec>,
     pub(super) socket: NetlinkSocket,
 }
@@ -62,6 +72,7 @@ pub(super) fn worker_main(
             return;
         }
     };
+    let mut sysctl = SysctlWriter::for_this_thread();
     let mut nice = 0;
     for job in jobs {
         if job.priority.nice() != nice {
@@ -70,7 +81,7 @@ pub(super) fn worker_main(
                 Err(e) => tracing::debug!("endpoint worker priority: {e}"),
             }
         }
-        let (results, home_lost) = build(&home, &mut host, bridge, &prefix, job.items);
+        let (results, home_lost) = build(&home, &mut host, &mut sysctl, bridge, &prefix, job.items);
         let _ = job.reply.send((job.slot, results));
         if home_lost {
             // This thread is stranded in an endpoint's namespace; stop taking work.
@@ -85,6 +96,7 @@ struct Staged {
     id: u64,
     spec: Option<EndpointSpec>,
     host_ifname: IfName,
+    port: PortIdentity,
     netns: NetNs,
     socket: NetlinkSocket,
 }
@@ -94,12 +106,13 @@ struct Staged {
 fn build(
     home: &NetNs,
     host: &mut NetlinkSocket,
+    sysctl: &mut SysctlWriter,
     bridge: Option<u32>,
     prefix: &RunPrefix,
     items: Vec<(u64, Option<EndpointSpec>)>,
 ) -> (Vec<BuildOutcome>, bool) {
     let started = Instant::now();
-    let (mut results, staged, home_lost) = stage_namespaces(home, prefix, items);
+    let (mut results, staged, home_lost) = stage_namespaces(home, sysctl, prefix, items);
     let namespaces_done = started.elapsed();
     let pairs = create_veth_pairs(host, bridge, &staged);
     let pairs_done = started.elapsed();
@@ -124,6 +137,7 @@ fn build(
 /// the thread lost its home namespace (the items after that are not tried).
 fn stage_namespaces(
     home: &NetNs,
+    sysctl: &mut SysctlWriter,
     prefix: &RunPrefix,
     items: Vec<(u64, Option<EndpointSpec>)>,
 ) -> (Vec<Option<BuildOutcome>>, Vec<(usize, Staged)>, bool) {
@@ -137,7 +151,7 @@ fn stage_namespaces(
             ))));
             continue;
         }
-        match stage(home, prefix, id, spec, &mut home_lost) {
+        match stage(home, sysctl, prefix, id, spec, &mut home_lost) {
             Ok(s) => {
                 results.push(None);
                 staged.push((i, s));
@@ -153,6 +167,7 @@ fn stage_namespaces(
 /// not move back.
 fn stage(
     home: &NetNs,
+    sysctl: &mut SysctlWriter,
     prefix: &RunPrefix,
     id: u64,
     spec: Option<EndpointSpec>,
@@ -160,52 +175,118 @@ fn stage(
 ) -> Result<Staged, EndpointError> {
     let host_ifname = EndpointFactory::host_ifname(prefix, id)?;
     let netns = NetNs::unshare_current_thread()?.into_managed();
+    // Both while this thread is inside: the socket stays bound to the
+    // namespace, and /proc/sys/net is the namespace of the thread opening it.
     let socket = NetlinkSocket::open();
+    let opened = sysctl.write(PING_GROUP_RANGE, PING_GROUPS_ALL);
     // Back home before anything else, even if the socket failed.
     if let Err(e) = home.enter_current_thread() {
         *home_lost = true;
         return Err(e.into());
     }
+    opened.map_err(EndpointError::Sysctl)?;
     Ok(Staged {
         id,
         spec,
         host_ifname,
+        port: PortIdentity::endpoint(id),
         netns,
         socket: socket?,
     })
 }
 
-/// Step 2: the veth pairs, many per datagram, on the home socket. One
-/// outcome per staged endpoint; if the socket itself fails, they all fail.
+/// Step 2: the veth pairs, each followed by the requests locking its port
+/// if it goes on a bridge, many per datagram, on the home socket; then the
+/// router's ARP entries for the endpoints built so far. One outcome per
+/// staged endpoint (its first failure); if the socket itself fails, they
+/// all fail.
 fn create_veth_pairs(
     host: &mut NetlinkSocket,
     bridge: Option<u32>,
     staged: &[(usize, Staged)],
 ) -> Vec<Result<(), RequestError>> {
     let peer = IfName::new(ENDPOINT_IFNAME).expect("constant name is valid");
-    let pairs: Vec<Request> = staged
+    let per_endpoint: Vec<Vec<Request>> = staged
         .iter()
-        .map(|(_, s)| veth_pair_request(s, bridge, &peer))
+        .map(|(_, s)| {
+            let mut requests = vec![veth_pair_request(s, bridge, &peer)];
+            if let (Some(_), Some(spec)) = (bridge, s.spec) {
+                requests.extend(guard::lock_requests(&s.port, spec.address.ip()));
+            }
+            requests
+        })
         .collect();
-    match host.execute(&pairs) {
-        Ok(o) => o,
-        Err(e) => {
-            let why = e.to_string();
-            (0..pairs.len())
-                .map(|_| {
-                    Err(RequestError {
-                        what: "create veth".into(),
-                        source: std::io::Error::other(why.clone()),
-                    })
-                })
-                .collect()
-        }
+    let mut outcomes = execute_grouped(host, &per_endpoint, "create veth");
+    if let Some(bridge) = bridge {
+        add_router_neighbours(host, bridge, staged, &mut outcomes);
+    }
+    outcomes
+}
+
+/// The router's permanent ARP entries, a step of its own so that only
+/// endpoints whose port is locked get one (nothing to undo for the others).
+fn add_router_neighbours(
+    host: &mut NetlinkSocket,
+    bridge: u32,
+    staged: &[(usize, Staged)],
+    outcomes: &mut [Result<(), RequestError>],
+) {
+    let wanted: Vec<(usize, Vec<Request>)> = staged
+        .iter()
+        .zip(outcomes.iter())
+        .enumerate()
+        .filter_map(|(i, ((_, s), outcome))| {
+            let spec = s.spec.filter(|_| outcome.is_ok())?;
+            let ip = spec.address.ip();
+            Some((i, vec![guard::router_neighbour(bridge, ip, s.port.mac)]))
+        })
+        .collect();
+    let groups: Vec<Vec<Request>> = wanted.iter().map(|(_, r)| r.clone()).collect();
+    let results = execute_grouped(host, &groups, "router ARP entry");
+    for ((i, _), result) in wanted.into_iter().zip(results) {
+        outcomes[i] = result;
     }
 }
 
+/// Runs groups of requests in order on one socket (datagrams may span
+/// groups) and returns, per group, its first failure.
+fn execute_grouped(
+    socket: &mut NetlinkSocket,
+    groups: &[Vec<Request>],
+    what: &str,
+) -> Vec<Result<(), RequestError>> {
+    let flat: Vec<Request> = groups.iter().flatten().cloned().collect();
+    let mut outcomes = match socket.execute(&flat) {
+        Ok(o) => o.into_iter(),
+        Err(e) => {
+            let why = e.to_string();
+            return groups
+                .iter()
+                .map(|_| {
+                    Err(RequestError {
+                        what: what.into(),
+                        source: std::io::Error::other(why.clone()),
+                    })
+                })
+                .collect();
+        }
+    };
+    groups
+        .iter()
+        .map(|g| {
+            let mine: Vec<_> = outcomes.by_ref().take(g.len()).collect();
+            mine.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+        })
+        .collect()
+}
+
 /// The request creating a staged endpoint's pair: the host end in the home
-/// namespace (on `bridge`, if any), the peer as `eth0` inside the endpoint.
+/// namespace (on `bridge`, if any, with the index its port rules name), the
+/// peer as `eth0` inside the endpoint with the MAC they name.
 fn veth_pair_request(s: &Staged, bridge: Option<u32>, peer: &IfName) -> Request {
+    // Only an endpoint with an address goes on a bridge, locked to it; a
+    // tenant-free one is attached (and locked) when bound.
+    let master = bridge.filter(|_| s.spec.is_some());
     Request::create(
         match s.spec {
             Some(spec) => format!(
@@ -214,13 +295,18 @@ fn veth_pair_request(s: &Staged, bridge: Option<u32>, peer: &IfName) -> Request 
             ),
             None => format!("create veth {} for a tenant-free endpoint", s.host_ifname),
         },
-        messages::veth_pair(
-            &s.host_ifname,
-            bridge,
+        messages::veth_pair(&messages::VethPair {
+            host: &s.host_ifname,
+            // A tenant-free endpoint's host end waits in the node's
+            // namespace, whose indexes are not ours to pick; it gets its
+            // index when it moves to a router.
+            host_index: master.map_or(0, |_| s.port.host_index),
+            master,
             peer,
-            std::os::fd::AsRawFd::as_raw_fd(&s.netns),
-            ENDPOINT_IFINDEX,
-        ),
+            peer_ns: std::os::fd::AsRawFd::as_raw_fd(&s.netns),
+            peer_index: ENDPOINT_IFINDEX,
+            peer_mac: Some(s.port.mac),
+        }),
     )
 }
 
@@ -239,6 +325,7 @@ fn configure_insides(
             id: s.id,
             netns: s.netns,
             host_ifname: s.host_ifname,
+            port: s.port,
             spec: s.spec,
             socket: s.socket,
         }));

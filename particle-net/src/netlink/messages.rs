@@ -22,35 +22,50 @@ use crate::names::IfName;
 /// The loopback device's index in every namespace.
 pub const LOOPBACK_INDEX: u32 = 1;
 
-/// A veth pair: `host` in the socket's namespace, up, attached to `master`;
-/// its peer created straight inside the namespace `peer_ns` as `peer` with
-/// index `peer_index`. One request instead of create + move + rename. The peer
+/// A veth pair to create with [`veth_pair`].
+#[derive(Debug, Clone, Copy)]
+pub struct VethPair<'a> {
+    /// The end in the socket's namespace, up, attached to `master` if any.
+    pub host: &'a IfName,
+    /// The host end's ifindex; 0 lets the kernel choose.
+    pub host_index: u32,
+    pub master: Option<u32>,
+    /// The peer, created straight inside the namespace `peer_ns`.
+    pub peer: &'a IfName,
+    pub peer_ns: RawFd,
+    /// The peer's ifindex there; 0 lets the kernel choose.
+    pub peer_index: u32,
+    /// The peer's MAC; `None` lets the kernel make a random one.
+    pub peer_mac: Option<[u8; 6]>,
+}
+
+/// A veth pair in one request instead of create + move + rename. The peer
 /// cannot be set up here (the kernel answers ENOTCONN); bring it up from inside.
-pub fn veth_pair(
-    host: &IfName,
-    master: Option<u32>,
-    peer: &IfName,
-    peer_ns: RawFd,
-    peer_index: u32,
-) -> RouteNetlinkMessage {
+pub fn veth_pair(pair: &VethPair) -> RouteNetlinkMessage {
     let mut peer_msg = LinkMessage::default();
-    peer_msg.header.index = peer_index;
+    peer_msg.header.index = pair.peer_index;
     peer_msg.attributes = vec![
-        LinkAttribute::IfName(peer.to_string()),
-        LinkAttribute::NetNsFd(peer_ns),
+        LinkAttribute::IfName(pair.peer.to_string()),
+        LinkAttribute::NetNsFd(pair.peer_ns),
     ];
+    if let Some(mac) = pair.peer_mac {
+        peer_msg
+            .attributes
+            .push(LinkAttribute::Address(mac.to_vec()));
+    }
 
     let mut msg = LinkMessage::default();
+    msg.header.index = pair.host_index;
     msg.header.flags = LinkFlags::Up;
     msg.header.change_mask = LinkFlags::Up;
     msg.attributes = vec![
-        LinkAttribute::IfName(host.to_string()),
+        LinkAttribute::IfName(pair.host.to_string()),
         LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
         ]),
     ];
-    if let Some(master) = master {
+    if let Some(master) = pair.master {
         msg.attributes.push(LinkAttribute::Controller(master));
     }
     RouteNetlinkMessage::NewLink(msg)
@@ -102,11 +117,19 @@ pub fn vxlan(
 
 /// Moves a link (by name) into the namespace held by `netns`.
 pub fn move_to_netns(name: &IfName, netns: RawFd) -> RouteNetlinkMessage {
+    move_to_netns_as(name, netns, 0)
+}
+
+/// [`move_to_netns`], giving the link the ifindex `index` there (0: any).
+pub fn move_to_netns_as(name: &IfName, netns: RawFd, index: u32) -> RouteNetlinkMessage {
     let mut msg = LinkMessage::default();
     msg.attributes = vec![
         LinkAttribute::IfName(name.to_string()),
         LinkAttribute::NetNsFd(netns),
     ];
+    if index != 0 {
+        msg.attributes.push(LinkAttribute::NewIfIndex(index as i32));
+    }
     RouteNetlinkMessage::SetLink(msg)
 }
 
@@ -322,6 +345,14 @@ pub fn link_name(msg: &LinkMessage) -> Option<&str> {
 pub fn link_master(msg: &LinkMessage) -> Option<u32> {
     msg.attributes.iter().find_map(|a| match a {
         LinkAttribute::Controller(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// A link's MAC in a dump reply, if it is an Ethernet one.
+pub fn link_mac(msg: &LinkMessage) -> Option<[u8; 6]> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
         _ => None,
     })
 }

@@ -6,6 +6,7 @@
 //! request with what it was, without losing the others (the kernel goes on with
 //! the rest of a datagram after a failure). [`messages`] builds the requests.
 
+pub mod guard_messages;
 pub mod messages;
 mod socket;
 

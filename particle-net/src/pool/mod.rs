@@ -385,8 +385,8 @@ impl Shared {
         self.counters.destroyed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The address goes back to the block or the pool: nothing may keep
-    /// pointing at the MAC it had.
+    /// The address goes back to the block: nothing may keep pointing at
+    /// the MAC it had (the router's permanent entry included).
     fn forget_neighbour(&self, address: std::net::Ipv4Addr) {
         if let Err(e) = self.factory.forget_neighbour(address) {
             tracing::debug!("forgetting the ARP entry of {address}: {e}");
@@ -540,8 +540,8 @@ fn recycler(shared: &Shared, returns: Receiver<Returned>) {
             && endpoint.is_clean().unwrap_or(false)
             && endpoint.forget_neighbours().is_ok();
         if reusable {
-            // Its next user starts as the first did: unknown to the bridge.
-            shared.forget_neighbour(endpoint.address().ip());
+            // The router's ARP entry for it stays: it is permanent and names
+            // this endpoint's own MAC (crate::guard), which comes back with it.
             lock(&shared.unswept).insert(endpoint.id());
             shared.ready.fill(vec![endpoint], 1);
             // Counted after the fill, so that whoever sees the count sees the endpoint.

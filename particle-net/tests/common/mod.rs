@@ -3,6 +3,9 @@
 //! nothing lands in the machine's own namespace.
 #![allow(dead_code)]
 
+pub mod frames;
+pub mod icmp;
+
 use std::time::{Duration, Instant};
 
 use particle_net::scratch::ScratchNode;
