@@ -115,7 +115,7 @@ fn claim_from_an_empty_pool_is_a_clear_error() {
 #[test]
 fn bad_pool_configs_are_refused() {
     let t = scratch("10.204.0.0/24");
-    for (high, low, batch) in [(0, 0, 1), (4, 5, 1), (4, 1, 0)] {
+    for (high, low, batch) in [(4, 5, 1), (4, 1, 0)] {
         let config = PoolConfig {
             high_watermark: high,
             low_watermark: low,
@@ -125,6 +125,18 @@ fn bad_pool_configs_are_refused() {
             .unwrap_err();
         assert!(matches!(err, PoolError::Config(_)), "{err}");
     }
+    // A pool that keeps none warm is fine: it builds nothing until asked.
+    let none = PoolConfig {
+        high_watermark: 0,
+        low_watermark: 0,
+        batch_size: 1,
+    };
+    let pool = EndpointPool::start(t.node.factory(1).unwrap(), t.node.block.clone(), none).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!((pool.stats().ready, pool.stats().created), (0, 0));
+    assert!(matches!(pool.claim(), Err(PoolError::Empty { .. })));
+    let cold = pool.claim_cold(1);
+    assert!(cold[0].is_ok(), "{:?}", cold[0].as_ref().err());
 }
 
 #[test]
