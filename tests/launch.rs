@@ -166,3 +166,39 @@ fn a_burst_past_the_warm_pools_reports_true_counts() {
         "{job}"
     );
 }
+
+/// A burst that the tenant's blocks cannot hold is refused before anything
+/// is claimed (it used to start what fitted and fail the rest, with
+/// `0.0.0.0` peers); one that fits runs whole.
+#[test]
+fn a_burst_past_the_blocks_is_refused_with_nothing_claimed() {
+    let cluster = common::Cluster::up(2, 17_754, "10.214.9.0/24", &["--pool-size", "2"]);
+    let body =
+        r#"{"name":"s","vni":321,"subnet":"10.34.0.0/16","block_prefix":28,"warm_per_node":2}"#;
+    cluster.api_json("POST", "/v1/tenants", body, 201);
+    let launch = |n: &str| {
+        cluster
+            .command(&["launch"])
+            .args(["--tenant", "s", "-n", n, "--json", "--", "/bin/true"])
+            .output()
+            .unwrap()
+    };
+    let out = launch("40");
+    assert!(!out.status.success());
+    let text = common::text(&out);
+    assert!(text.contains("/28 blocks hold 13"), "{text}");
+    let jobs = cluster.api_json("GET", "/v1/jobs", "", 200);
+    assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs}");
+    for socket in &cluster.sockets {
+        let out = common::particle()
+            .args(["local", "--socket", socket, r#"{"op":"status"}"#])
+            .output()
+            .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["pools"]["s"]["claims_total"], 0, "{status}");
+    }
+    let out = launch("20");
+    assert!(out.status.success(), "{}", common::text(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+}

@@ -32,7 +32,7 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
     let reserved = reserve_all(c, &id, &req, &program, &agents, &ranks).await;
     // A refusal (bad command, unknown tenant on the node) fails the job
     // before anything runs; an unreachable node only fails its functions.
-    if let Some(refusal) = first_refusal(&reserved) {
+    if let Some(refusal) = first_refusal(&reserved).or_else(|| short_node(&reserved, &agents)) {
         release_all(c, &id, &agents).await;
         return Err(refusal);
     }
@@ -81,6 +81,30 @@ fn first_refusal(reserved: &[Result<Reserved, HttpError>]) -> Option<HttpError> 
         .iter()
         .find_map(|r| r.as_ref().err().filter(|e| e.status.is_client_error()))
         .map(|refusal| HttpError::new(refusal.status, refusal.message.clone()))
+}
+
+/// A node that answered but could not give every rank an endpoint (its
+/// block ran out, its builds failed): the job would run half, so it is
+/// refused and everything released.
+fn short_node(
+    reserved: &[Result<Reserved, HttpError>],
+    agents: &[(String, SocketAddr)],
+) -> Option<HttpError> {
+    reserved.iter().zip(agents).find_map(|(r, (node, _))| {
+        let r = r.as_ref().ok()?;
+        let missing: Vec<&str> = (r.endpoints.iter())
+            .filter_map(|ep| ep.error.as_deref())
+            .collect();
+        let first = missing.first()?;
+        Some(HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "node {node} could not give {} of its {} functions an endpoint ({first}); nothing was started",
+                missing.len(),
+                r.endpoints.len()
+            ),
+        ))
+    })
 }
 
 /// Every function's status once the agents reserved (`reserved`, one answer

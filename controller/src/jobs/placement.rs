@@ -15,10 +15,10 @@ pub(super) fn choose_nodes(
     c: &Controller,
     req: &LaunchJob,
 ) -> Result<Vec<(String, SocketAddr)>, HttpError> {
-    let mut agents = {
+    let (mut agents, block_prefix) = {
         let state = c.lock();
-        state.tenant(&req.tenant)?;
-        state.launchers()
+        let tenant = state.tenant(&req.tenant)?;
+        (state.launchers(), tenant.block_prefix)
     };
     if let Some(wanted) = &req.placement.nodes {
         // The client's mistake, not a lack of nodes: 400, not the 503 below.
@@ -48,7 +48,29 @@ pub(super) fn choose_nodes(
             )));
         }
     }
+    // A node's block holds the gateway and its endpoints: a job that needs
+    // more there is refused now, before anything is claimed, never half-run.
+    let per_node = req.functions.div_ceil(agents.len());
+    let room = block_room(block_prefix);
+    if per_node > room {
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{} functions on {} nodes need {per_node} addresses on a node; tenant {:?}'s /{block_prefix} blocks hold {room}: use more nodes or a tenant with larger blocks (block_prefix)",
+                req.functions,
+                agents.len(),
+                req.tenant
+            ),
+        ));
+    }
     Ok(agents)
+}
+
+/// Endpoint addresses a block of this prefix holds (not the network, the
+/// gateway or the broadcast address).
+fn block_room(prefix: u8) -> usize {
+    let size = 1u64 << (32 - u32::from(prefix.min(32)));
+    usize::try_from(size.saturating_sub(3)).unwrap_or(usize::MAX)
 }
 
 /// The node (its index among `nodes` of them) that runs `rank`.
