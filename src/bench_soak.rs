@@ -258,6 +258,8 @@ async fn cancelled_job(api: &ApiClient, tenant: &str, size: usize) -> Result<Out
         placement: Default::default(),
         runtime: Default::default(),
         port: None,
+        limits: Default::default(),
+        image: None,
     };
     let job: Job = api.call(Method::POST, "/v1/jobs", Some(&request)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -64,6 +64,9 @@ pub struct AgentSettings {
     /// Keep-warm probe period on agent-to-agent connections, ms (0: none).
     #[serde(default)]
     pub warm_probe_ms: u64,
+    /// Functions' images, default limits and tenants' quotas (settings file only).
+    #[serde(default)]
+    pub sandbox: particle_node_agent::sandbox::SandboxConfig,
 }
 
 impl AgentSettings {
@@ -336,6 +339,7 @@ mod fuzz {
         "warm_pool_size",
         "warm_destinations",
         "warm_probe_ms",
+        "sandbox",
     ];
 
     /// Mostly the settings' own keys, sometimes others.

@@ -191,6 +191,8 @@ pub async fn launch_job(
         placement: Placement::default(),
         runtime: RuntimeKind::Builtin,
         port: None,
+        limits: Default::default(),
+        image: None,
     };
     let submitted = now_ns();
     let job: Job = api

@@ -522,6 +522,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         socket_path: args.socket.clone(),
         heartbeat_every: std::time::Duration::from_secs(1),
         oci_runtime: args.oci_runtime.clone(),
+        sandbox: args.sandbox.clone(),
     };
     let warm = args.warm_config()?;
     let client = particle_wire::client::ApiClient::direct(args.controller, token);

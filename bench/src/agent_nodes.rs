@@ -109,6 +109,7 @@ impl AgentNodes {
                 socket_path: socket.clone(),
                 heartbeat_every: Duration::from_millis(500),
                 oci_runtime: None,
+                sandbox: Default::default(),
             };
             let client = ApiClient::new(addr, TOKEN.into(), dial_from(host.netns())?);
             let netns = host.netns().try_clone()?;

@@ -14,6 +14,7 @@ pub mod free_pool;
 pub mod jobs;
 pub mod launcher;
 pub mod node_state;
+pub mod sandbox;
 pub mod warm_connections;
 
 pub use node_state::{AgentError, NodeConfig, NodeState};

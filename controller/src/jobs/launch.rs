@@ -101,6 +101,7 @@ fn reserved_functions(
             cold: false,
             error: Some("no endpoint".into()),
             output: None,
+            reason: None,
         })
         .collect();
     let mut instances = BTreeMap::new();
