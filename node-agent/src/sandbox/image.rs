@@ -39,6 +39,8 @@ const SHIPPED: &[&str] = &[
     "particle-fn",
     "particle-video",
     "particle-warm-fn",
+    // LD_PRELOADed by programs that want warm connections.
+    "libparticle_preload.so",
 ];
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -199,7 +201,8 @@ fn build(root: &Path, sources: &Sources) -> Result<(), ImageError> {
         };
         let in_path = ["/bin", "/usr/bin", "/sbin", "/usr/sbin"]
             .iter()
-            .any(|d| bin.parent() == Some(Path::new(d)));
+            .any(|d| bin.parent() == Some(Path::new(d)))
+            || name.to_string_lossy().ends_with(".so");
         let link = root.join("usr/local/bin").join(name);
         if !in_path && fs::symlink_metadata(&link).is_err() {
             symlink(bin, &link).map_err(io_err(&link))?;
