@@ -88,10 +88,29 @@ pub fn run(args: &PipelineArgs) -> Result<PipelineReport> {
         )
     };
 
-    let no_network = run_no_network(&spec_for("no-network"), args.nodes, &program)?;
+    // Particle's and the floor's sandboxed functions write only under their
+    // private /tmp (or the image): their streams are made in a staging
+    // directory there and copied to `dir` after.
+    let staging =
+        std::env::temp_dir().join(format!("particle-bench-pipeline-{}", std::process::id()));
+    std::fs::create_dir_all(&staging)?;
+    let _staging = crate::demo::RemoveDir(staging.clone());
+    let sandboxed = |system: &str, run: &dyn Fn(&PipelineSpec) -> Result<SystemResult>| {
+        let spec = PipelineSpec {
+            output: staging.join(format!("{system}.h264")),
+            ..spec_for(system)
+        };
+        let mut result = run(&spec)?;
+        let output = dir.join(format!("{system}.h264"));
+        std::fs::copy(&spec.output, &output)
+            .with_context(|| format!("writing {}", output.display()))?;
+        result.run.output = output;
+        anyhow::Ok(result)
+    };
+    let no_network = sandboxed("no-network", &|s| run_no_network(s, args.nodes, &program))?;
     let linux_overlay = run_linux_overlay(&spec_for("linux-overlay"), args.nodes, &program)?;
     let cni_bridge = run_cni_bridge(&spec_for("cni-bridge"), args.nodes, &program)?;
-    let particle = run_particle(&spec_for("particle"), args, &program)?;
+    let particle = sandboxed("particle", &|s| run_particle(s, args, &program))?;
     Ok(PipelineReport {
         functions: args.functions,
         nodes: args.nodes,
@@ -169,8 +188,15 @@ fn run_no_network(
 ) -> Result<SystemResult> {
     let envs = local_envs("no-network", spec.functions, 20_000, nodes);
     let argv = spec.argv(program);
-    let (submitted, outputs) =
-        particle_bench::no_network::run(&envs, &argv, nodes, "10.251.0.0/24", spec.timeout)?;
+    let dir = crate::demo::writable_output_dir(&spec.output)?;
+    let (submitted, outputs) = particle_bench::no_network::run(
+        &envs,
+        &argv,
+        nodes,
+        "10.251.0.0/24",
+        spec.timeout,
+        Some(&dir),
+    )?;
     let runs: Vec<FunctionRun> = outputs
         .into_iter()
         .map(|o| FunctionRun {

@@ -260,6 +260,7 @@ async fn cancelled_job(api: &ApiClient, tenant: &str, size: usize) -> Result<Out
         port: None,
         limits: Default::default(),
         image: None,
+        output_dir: None,
     };
     let job: Job = api.call(Method::POST, "/v1/jobs", Some(&request)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;

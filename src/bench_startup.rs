@@ -222,7 +222,7 @@ pub async fn set_warm(api: &ApiClient, tenant: &str, per_node: usize) -> Result<
 fn no_network(argv: &[String], nodes: usize, m: usize, timeout: Duration) -> Result<Burst> {
     let envs = local_envs("no-network", m, 20_000, nodes);
     let (submitted, outputs) =
-        particle_bench::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout)?;
+        particle_bench::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout, None)?;
     measured(submitted, outputs.iter().map(|o| &o.stdout))
 }
 

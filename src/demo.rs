@@ -162,24 +162,53 @@ pub async fn launch_pipeline(
     spec: &PipelineSpec,
     program: &Path,
 ) -> Result<(u128, Job, Vec<FunctionRun>)> {
-    launch_job(
+    let dir = writable_output_dir(&spec.output)?;
+    launch_job_writing(
         api,
         tenant,
         spec.argv(program),
         spec.functions,
         spec.timeout,
+        Some(dir.display().to_string()),
     )
     .await
 }
 
-/// Launches `functions` copies of `argv` on `tenant` through the launch API
-/// and waits for the job to end; fails unless every function exited 0.
+/// The directory of `output`, made writable for functions (which run as
+/// their tenant's unprivileged uid and may write only the directory a job
+/// names: `LaunchJob::output_dir`).
+pub fn writable_output_dir(output: &Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = output
+        .parent()
+        .context("the output has no directory")?
+        .to_path_buf();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))
+        .with_context(|| format!("opening {} to functions", dir.display()))?;
+    Ok(dir)
+}
+
+/// [`launch_job_writing`] without an output directory.
 pub async fn launch_job(
     api: &ApiClient,
     tenant: &str,
     argv: Vec<String>,
     functions: usize,
     timeout: Duration,
+) -> Result<(u128, Job, Vec<FunctionRun>)> {
+    launch_job_writing(api, tenant, argv, functions, timeout, None).await
+}
+
+/// Launches `functions` copies of `argv` on `tenant` through the launch API
+/// and waits for the job to end; fails unless every function exited 0.
+pub async fn launch_job_writing(
+    api: &ApiClient,
+    tenant: &str,
+    argv: Vec<String>,
+    functions: usize,
+    timeout: Duration,
+    output_dir: Option<String>,
 ) -> Result<(u128, Job, Vec<FunctionRun>)> {
     let request = LaunchJob {
         tenant: tenant.into(),
@@ -193,6 +222,7 @@ pub async fn launch_job(
         port: None,
         limits: Default::default(),
         image: None,
+        output_dir,
     };
     let submitted = now_ns();
     let job: Job = api
@@ -269,10 +299,16 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "need at least one node and one function"
     );
     let program = video_program()?;
+    let output = absolute(&args.output)?;
+    // Functions write only under their private /tmp or the image: the stream
+    // is made in a staging directory there and moved to `output` after.
+    let staging = std::env::temp_dir().join(format!("particle-demo-{}", std::process::id()));
+    let _staging = RemoveDir(staging.clone());
+    let file_name = output.file_name().context("the output names no file")?;
     let mut spec = PipelineSpec::new(
         args.functions,
         args.frames_per_function,
-        absolute(&args.output)?,
+        staging.join(file_name),
     );
     // The whole burst encodes at once: keep the agents' heartbeats ahead of it.
     spec.nice = Some(10);
@@ -294,7 +330,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             args.functions
         );
         let (submitted, job, runs) = launch_pipeline(&api, "demo", &spec, &program).await?;
-        let result = evaluate(&spec, submitted, &runs)?;
+        let mut result = evaluate(&spec, submitted, &runs)?;
+        std::fs::copy(&spec.output, &output)
+            .with_context(|| format!("writing {}", output.display()))?;
+        result.output = output.clone();
         let rows = timeline_rows(submitted, &runs);
         anyhow::Ok((
             DemoSummary {
@@ -358,4 +397,13 @@ fn render(s: &DemoSummary) -> String {
         r.output_bytes,
         s.plot.display()
     )
+}
+
+/// Removes a directory when dropped, however the run ends.
+pub struct RemoveDir(pub std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

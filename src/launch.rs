@@ -182,6 +182,7 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
                 tmp_mb: args.tmp_mb,
             },
             image: args.image.clone(),
+            output_dir: None,
         };
         let job: Job = api
             .call(Method::POST, "/v1/jobs", Some(&request))

@@ -24,7 +24,8 @@ use particle_workloads::ring::now_ns;
 /// Starts `argv` once per environment, the functions of node `n` (rank
 /// `r % nodes == n`, as [`particle_workloads::local::local_envs`] places
 /// them) by that node's launcher thread, and waits for all of them until
-/// `timeout` (those still running then are killed and have no status).
+/// `timeout` (those still running then are killed and have no status);
+/// they may write `output_dir` (as a job's `output_dir`).
 /// `block` is the scratch namespace's (unused) underlay block. Returns when
 /// the launch began (wall-clock ns, after the scratch namespace and the
 /// runtime are set up: those are not the floor's) and the outputs by rank.
@@ -34,6 +35,7 @@ pub fn run(
     nodes: usize,
     block: &str,
     timeout: Duration,
+    output_dir: Option<&Path>,
 ) -> Result<(u128, Vec<FunctionOutput>)> {
     let run = Run::start()?;
     let scratch = ScratchNode::new(run.prefix(), AddressBlock::parse(block)?)
@@ -67,7 +69,9 @@ pub fn run(
                     for env in envs.iter().filter(|e| e.rank % nodes == node) {
                         let vars = env.vars();
                         let name = format!("floor-{}", env.rank);
-                        let boxed = sandbox.prepare(&name, "floor", root.clone(), limits)?;
+                        let boxed = sandbox
+                            .prepare(&name, "floor", root.clone(), limits)?
+                            .with_writable(output_dir.map(Path::to_path_buf));
                         let spec = FunctionSpec {
                             argv,
                             env: &vars,

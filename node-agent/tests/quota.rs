@@ -28,6 +28,7 @@ fn reserve(ranks: usize, program: &str, limits: FunctionLimits) -> ReserveFuncti
         runtime: RuntimeKind::Builtin,
         limits,
         image: None,
+        output_dir: None,
     }
 }
 

@@ -217,6 +217,12 @@ pub struct LaunchJob {
     /// image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// A directory of the nodes the functions may write, at the same path
+    /// (their only way to leave files on a node, e.g. the pipeline's
+    /// stream). Under `/tmp` (made inside their private `/tmp`), or where
+    /// the image has a directory for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
 }
 
 /// What one function may use; `None`: the agent's default.
@@ -325,6 +331,9 @@ pub struct ReserveFunctions {
     /// [`LaunchJob::image`], where `program` is looked up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// [`LaunchJob::output_dir`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

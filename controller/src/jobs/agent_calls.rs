@@ -44,6 +44,7 @@ pub(super) async fn reserve_all(
             runtime: req.runtime,
             limits: req.limits,
             image: req.image.clone(),
+            output_dir: req.output_dir.clone(),
         };
         let path = format!("/v1/jobs/{id}/reserve");
         let api = client(c, *addr);

@@ -74,6 +74,7 @@ struct NodeJob {
     /// Its functions' root and limits, settled at reserve.
     root: PathBuf,
     limits: Limits,
+    output_dir: Option<PathBuf>,
     functions: BTreeMap<usize, Slot>,
     started: bool,
     running: usize,
@@ -153,6 +154,10 @@ impl NodeJobs {
             .root_for(&req.tenant, req.image.as_deref())
             .map_err(|e| bad(&e))?;
         let limits = sandbox.limits(&req.limits).map_err(|e| bad(&e))?;
+        let output_dir = match &req.output_dir {
+            Some(d) => Some(sandbox.output_dir(&root, d).map_err(|e| bad(&e))?),
+            None => None,
+        };
         launcher::resolve(&root, &req.program).map_err(|e| bad(&e))?;
         if lock(&self.table).jobs.contains_key(job) {
             return Err(error(
@@ -215,6 +220,7 @@ impl NodeJobs {
                 tenant: req.tenant.clone(),
                 root,
                 limits,
+                output_dir,
                 functions,
                 started: false,
                 running: 0,
@@ -268,7 +274,7 @@ impl NodeJobs {
                 node_job.root.clone(),
                 node_job.limits,
             ) {
-                Ok(s) => s,
+                Ok(s) => s.with_writable(node_job.output_dir.clone()),
                 Err(e) => {
                     failed.push(StartFailure {
                         rank,

@@ -55,6 +55,9 @@ pub(super) struct Prepared {
     devices: Vec<(CString, CString)>,
     /// (the node's file, its mount point in the root), if the root has one.
     binds: Vec<(CString, CString)>,
+    /// (the node's directory, the directories to make in the function's
+    /// /tmp for it, its mount point).
+    writable: Option<(CString, Vec<CString>, CString)>,
     /// (target, link) in the function's `/dev`.
     dev_links: Vec<(CString, CString)>,
     /// Flags of the read-only remount of the root: the source mount's
@@ -97,9 +100,14 @@ impl Prepared {
             .filter(|(_, point)| point.is_file())
             .map(|(b, point)| Ok((cstring(b)?, cstring(&point)?)))
             .collect::<Result<_, LaunchError>>()?;
+        let writable = match iso.writable {
+            Some(dir) => Some(writable_mount(root, dir)?),
+            None => None,
+        };
         Ok(Self {
             netns,
             binds,
+            writable,
             hostname: CString::new(spec.name).map_err(|_| LaunchError::Nul)?,
             agent: std::process::id() as libc::pid_t,
             last_cap: last_capability(),
@@ -254,6 +262,14 @@ impl Prepared {
             nosuid | nodev,
             self.tmp_options.as_ptr(),
         )?;
+        if let Some((dir, make, point)) = &self.writable {
+            for d in make {
+                if libc::mkdir(d.as_ptr(), 0o755) < 0 && *libc::__errno_location() != libc::EEXIST {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            mount(dir.as_ptr(), point, none, libc::MS_BIND, none)?;
+        }
         let dev_options = c"size=64k,nr_inodes=64,mode=755".as_ptr();
         mount(tmpfs, &self.dev, tmpfs, nosuid | noexec, dev_options)?;
         for (device, target) in &self.devices {
@@ -287,6 +303,28 @@ impl Prepared {
         check(libc::chdir(c"/".as_ptr()).into())?;
         Ok(())
     }
+}
+
+/// The node's `dir`, the directories below `/tmp` to make for it (outermost
+/// first; none outside `/tmp`, where the image has it), and its mount point.
+fn writable_mount(
+    root: &Path,
+    dir: &Path,
+) -> Result<(CString, Vec<CString>, CString), LaunchError> {
+    let point = root.join(dir.strip_prefix("/").unwrap_or(dir));
+    let mut make = Vec::new();
+    if dir.starts_with("/tmp") {
+        let mut p = point.as_path();
+        while p != root.join("tmp") {
+            make.push(cstring(p)?);
+            match p.parent() {
+                Some(parent) => p = parent,
+                None => break,
+            }
+        }
+        make.reverse();
+    }
+    Ok((cstring(dir)?, make, cstring(&point)?))
 }
 
 fn check(r: libc::c_long) -> io::Result<libc::c_long> {

@@ -93,6 +93,8 @@ pub struct Isolation<'a> {
     /// Node files it sees at the same path (where the root has a mount
     /// point for them).
     pub binds: &'a [PathBuf],
+    /// A node directory it may write, at the same path.
+    pub writable: Option<&'a Path>,
 }
 
 /// One function to start.

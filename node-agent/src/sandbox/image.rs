@@ -9,7 +9,8 @@
 //! `/dev/tcp`, arrays) and the libraries it needs are those the Particle
 //! binaries need anyway (plus libtinfo): a megabyte more. iputils' ping is
 //! in because busybox's needs a raw socket (no capability inside), while
-//! iputils' falls back to an unprivileged ICMP socket.
+//! iputils' falls back to an unprivileged ICMP socket; coreutils' nice
+//! because busybox has none and the pipeline runs its workers niced.
 //!
 //! The image is content-addressed: its directory name carries a hash of
 //! every source's path, size, mtime and inode, and of this layout's version,
@@ -32,7 +33,7 @@ use std::process::Command;
 const FORMAT: u64 = 1;
 /// Tools of the node copied in (never linked: a copy drops file
 /// capabilities, e.g. ping's cap_net_raw, which must not apply inside).
-const TOOLS: &[&str] = &["/bin/bash", "/bin/ping"];
+const TOOLS: &[&str] = &["/bin/bash", "/bin/ping", "/usr/bin/nice"];
 /// Binaries Particle ships, looked for beside the agent's own binary.
 const SHIPPED: &[&str] = &[
     "particle",
@@ -136,6 +137,7 @@ impl Image {
         if !sources.busybox.is_file() {
             return Err(ImageError::NoBusybox);
         }
+        collect_leftovers(dir);
         let root = dir.join(format!("{label}-rootfs-{:016x}", sources.hash()));
         if root.is_dir() {
             return Ok(Self { root });
@@ -166,6 +168,25 @@ impl Drop for Image {
     fn drop(&mut self) {
         // Never follows the image's symlinks: removes links, not targets.
         let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Images (and half-built ones) in `dir` of Particle runs that are not live
+/// (the agent that made them crashed): a live run holds its lock file.
+fn collect_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.contains("-rootfs") {
+            continue;
+        }
+        let dead = particle_net::RunPrefix::of_name(name.trim_start_matches('.'))
+            .is_some_and(|p| !p.lock_path().exists() || !p.is_live());
+        if dead {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 

@@ -236,6 +236,32 @@ impl Sandbox {
         Ok(root)
     }
 
+    /// A job's output directory, checked: an absolute directory of the node
+    /// the function can have at the same path (under `/tmp`, made in its
+    /// private `/tmp`, or a directory the image has).
+    pub fn output_dir(&self, root: &Path, dir: &str) -> Result<PathBuf, SandboxError> {
+        let bad = |why: &str| SandboxError::BadImage(dir.to_string(), why.to_string());
+        let path = PathBuf::from(dir);
+        if !path.is_absolute()
+            || path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(bad("output_dir must be an absolute path without `..`"));
+        }
+        if !path.is_dir() {
+            return Err(bad("output_dir is not a directory on this node"));
+        }
+        let under_tmp = path.starts_with("/tmp") && path != Path::new("/tmp");
+        let in_image = root.join(path.strip_prefix("/").unwrap_or(&path)).is_dir();
+        if !under_tmp && !in_image {
+            return Err(bad(
+                "output_dir must be under /tmp or a directory of the image",
+            ));
+        }
+        Ok(path)
+    }
+
     /// A job's limits with this node's defaults filled in, checked.
     pub fn limits(&self, asked: &FunctionLimits) -> Result<Limits, SandboxError> {
         let c = &self.config;
@@ -285,6 +311,7 @@ impl Sandbox {
         Ok(FunctionBox {
             root,
             binds: self.config.binds.clone(),
+            writable: None,
             ids,
             limits,
             cgroup,
@@ -296,6 +323,7 @@ impl Sandbox {
 pub struct FunctionBox {
     root: PathBuf,
     binds: Vec<PathBuf>,
+    writable: Option<PathBuf>,
     ids: IdRange,
     limits: Limits,
     cgroup: FunctionCgroup,
@@ -310,7 +338,15 @@ impl FunctionBox {
             cgroup_procs: self.cgroup.procs(),
             limits: self.limits,
             binds: &self.binds,
+            writable: self.writable.as_deref(),
         }
+    }
+
+    /// Lets the function write `dir` of the node (checked with
+    /// [`Sandbox::output_dir`]), at the same path.
+    pub fn with_writable(mut self, dir: Option<PathBuf>) -> Self {
+        self.writable = dir;
+        self
     }
 
     /// Why the function ended, as its cgroup saw it: killed at its memory
