@@ -28,6 +28,7 @@ use std::path::Path;
 
 use nix::libc;
 
+use super::supervisor::{decimal, proc_path, supervise, write_file};
 use super::{FunctionSpec, LaunchError};
 
 /// Device nodes of the node bind-mounted into the function's `/dev`.
@@ -270,6 +271,30 @@ impl Prepared {
             }
             mount(dir.as_ptr(), point, none, libc::MS_BIND, none)?;
         }
+        self.build_dev()?;
+        check(libc::chdir(self.root.as_ptr()).into())?;
+        // pivot_root(".", "."): the old root ends up on top of the new one
+        // and is detached at once; nothing of the node stays reachable.
+        let dot = c".".as_ptr();
+        check(libc::syscall(libc::SYS_pivot_root, dot, dot))?;
+        check(libc::umount2(dot, libc::MNT_DETACH).into())?;
+        check(libc::chdir(c"/".as_ptr()).into())?;
+        Ok(())
+    }
+
+    /// In the function: a small tmpfs `/dev` with the node's harmless
+    /// devices bound in and the usual links, then read-only.
+    unsafe fn build_dev(&self) -> io::Result<()> {
+        let none = std::ptr::null::<libc::c_char>();
+        let mount = |src: *const libc::c_char,
+                     dst: &CString,
+                     fstype: *const libc::c_char,
+                     flags: libc::c_ulong,
+                     data: *const libc::c_char| {
+            check(libc::mount(src, dst.as_ptr(), fstype, flags, data.cast()).into())
+        };
+        let (nosuid, noexec) = (libc::MS_NOSUID, libc::MS_NOEXEC);
+        let tmpfs = c"tmpfs".as_ptr();
         let dev_options = c"size=64k,nr_inodes=64,mode=755".as_ptr();
         mount(tmpfs, &self.dev, tmpfs, nosuid | noexec, dev_options)?;
         for (device, target) in &self.devices {
@@ -294,13 +319,6 @@ impl Prepared {
             libc::MS_REMOUNT | libc::MS_RDONLY | nosuid | noexec,
             none,
         )?;
-        check(libc::chdir(self.root.as_ptr()).into())?;
-        // pivot_root(".", "."): the old root ends up on top of the new one
-        // and is detached at once; nothing of the node stays reachable.
-        let dot = c".".as_ptr();
-        check(libc::syscall(libc::SYS_pivot_root, dot, dot))?;
-        check(libc::umount2(dot, libc::MNT_DETACH).into())?;
-        check(libc::chdir(c"/".as_ptr()).into())?;
         Ok(())
     }
 }
@@ -367,54 +385,6 @@ unsafe fn become_root_inside() -> io::Result<()> {
     Ok(())
 }
 
-/// Writes `data` to the file at the NUL-terminated `path`; the errno on failure.
-fn write_file(path: &[u8], data: &[u8]) -> Result<(), i32> {
-    // SAFETY: `path` ends with NUL; plain open/write/close.
-    unsafe {
-        let fd = libc::open(path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(*libc::__errno_location());
-        }
-        let n = libc::write(fd, data.as_ptr().cast(), data.len());
-        let err = *libc::__errno_location();
-        libc::close(fd);
-        if n != data.len() as isize {
-            return Err(if n < 0 { err } else { libc::EIO });
-        }
-    }
-    Ok(())
-}
-
-/// `n` in decimal into `buf`; its length.
-fn decimal(buf: &mut [u8; 12], mut n: u32) -> usize {
-    let mut tmp = [0u8; 12];
-    let mut len = 0;
-    loop {
-        tmp[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for i in 0..len {
-        buf[i] = tmp[len - 1 - i];
-    }
-    len
-}
-
-/// `/proc/PID/FILE` with a NUL into `buf`; its length without the NUL.
-fn proc_path(buf: &mut [u8; 48], pid: libc::pid_t, file: &[u8]) -> usize {
-    let mut digits = [0u8; 12];
-    let n = decimal(&mut digits, pid as u32);
-    let mut len = 0;
-    for part in [&b"/proc/"[..], &digits[..n], b"/", file, b"\0"] {
-        buf[len..len + part.len()].copy_from_slice(part);
-        len += part.len();
-    }
-    len - 1
-}
-
 /// The highest capability number this kernel knows.
 fn last_capability() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -457,91 +427,4 @@ fn drop_privileges(last_cap: u32) -> io::Result<()> {
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
     }
     Ok(())
-}
-
-/// The supervisor: lets go of the agent's descriptors (among them the pipe
-/// through which the agent learns whether exec succeeded), waits for the
-/// function and exits with its status. Never returns. If the agent dies
-/// first (crash, SIGKILL), it kills the function and exits: a parent-death
-/// signal cannot do this, since it fires when the agent's *thread* that
-/// forked us ends, and tokio ends idle blocking threads. Then it removes the
-/// function's cgroup (and the agent's, if it was the last), which the dead
-/// agent no longer can.
-fn supervise(pid: libc::pid_t, agent: libc::pid_t, cgroups: &[CString]) -> ! {
-    // SAFETY: raw syscalls only; `_exit` skips atexit handlers and destructors.
-    unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        let agent_fd = libc::syscall(libc::SYS_pidfd_open, agent, 0u32) as libc::c_int;
-        let function_fd = libc::syscall(libc::SYS_pidfd_open, pid, 0u32) as libc::c_int;
-        // Re-parented already (the agent died before we looked): give up.
-        let mut orphaned = agent_fd < 0 || libc::getppid() != agent;
-        if orphaned {
-            libc::kill(pid, libc::SIGKILL);
-        }
-        if agent_fd >= 0 && function_fd >= 0 {
-            let mut fds = [
-                libc::pollfd {
-                    fd: function_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: agent_fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            loop {
-                let r = libc::poll(fds.as_mut_ptr(), 2, -1);
-                if r < 0 && *libc::__errno_location() == libc::EINTR {
-                    continue;
-                }
-                if fds[1].revents != 0 {
-                    libc::kill(pid, libc::SIGKILL); // the agent is gone
-                    orphaned = true;
-                }
-                break;
-            }
-        }
-        let mut status = 0;
-        loop {
-            let r = libc::waitpid(pid, &mut status, 0);
-            if r == pid {
-                break;
-            }
-            if r < 0 && *libc::__errno_location() != libc::EINTR {
-                libc::_exit(125);
-            }
-        }
-        if orphaned {
-            for dir in cgroups {
-                libc::rmdir(dir.as_ptr());
-            }
-        }
-        if libc::WIFEXITED(status) {
-            libc::_exit(libc::WEXITSTATUS(status));
-        }
-        if libc::WIFSIGNALED(status) {
-            libc::_exit(128 + libc::WTERMSIG(status));
-        }
-        libc::_exit(125)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_and_numbers_without_allocation() {
-        let mut buf = [0u8; 12];
-        for n in [0u32, 7, 10, 4_194_304, u32::MAX] {
-            let len = decimal(&mut buf, n);
-            assert_eq!(&buf[..len], n.to_string().as_bytes());
-        }
-        let mut path = [0u8; 48];
-        let len = proc_path(&mut path, 4_194_304, b"uid_map");
-        assert_eq!(&path[..len], b"/proc/4194304/uid_map");
-        assert_eq!(path[len], 0);
-    }
 }

@@ -21,6 +21,7 @@
 
 mod container;
 mod oci;
+mod supervisor;
 
 use std::ffi::CString;
 use std::io;
