@@ -93,6 +93,11 @@ pub struct AgentSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_probe_ms: Option<u64>,
+    /// Functions' images, default limits and tenants' quotas (settings file
+    /// only: no flag, so the flags never override the file's).
+    #[arg(skip)]
+    #[serde(default, skip_serializing)]
+    pub sandbox: particle_node_agent::sandbox::SandboxConfig,
 }
 
 fn default_oci_runtime() -> Option<PathBuf> {
@@ -242,6 +247,7 @@ pub fn run(flags: &AgentSettings) -> Result<()> {
         socket_path: args.socket(),
         heartbeat_every: std::time::Duration::from_secs(1),
         oci_runtime: args.oci_runtime.clone(),
+        sandbox: args.sandbox.clone(),
     };
     let warm = args.warm_config()?;
     let client = particle_wire::client::ApiClient::direct(args.controller()?, token);

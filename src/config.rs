@@ -257,6 +257,7 @@ mod fuzz {
         "warm_pool_size",
         "warm_destinations",
         "warm_probe_ms",
+        "sandbox",
     ];
 
     /// Mostly the settings' own keys, sometimes others.

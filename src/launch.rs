@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use particle_wire::api::{
-    FunctionCommand, FunctionState, Job, JobState, JobSummary, LaunchJob, Node, Placement,
-    RuntimeKind, Tenant, WarmTarget,
+    FunctionCommand, FunctionLimits, FunctionState, Job, JobState, JobSummary, LaunchJob, Node,
+    Placement, RuntimeKind, Tenant, WarmTarget,
 };
 use particle_wire::client::{ApiClient, Method};
 
@@ -89,6 +89,21 @@ pub struct LaunchArgs {
     /// Print the job as JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Each function's process limit [default: the agents' setting].
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Each function's memory limit, MiB, its /tmp included [default: the agents' setting].
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Each function's CPU weight, 1..=10000 [default: the agents' setting, 100].
+    #[arg(long)]
+    pub cpu_weight: Option<u64>,
+    /// Size of each function's private /tmp, MiB [default: the agents' setting].
+    #[arg(long)]
+    pub tmp_mb: Option<u64>,
+    /// The functions' root file system: a directory on the nodes or an unpacked OCI image [default: the agents' image].
+    #[arg(long)]
+    pub image: Option<String>,
     /// The program and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -157,6 +172,14 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
                 RuntimeKind::Builtin
             },
             port: args.port,
+            limits: FunctionLimits {
+                pids: args.pids,
+                memory_mb: args.memory_mb,
+                cpu_weight: args.cpu_weight,
+                tmp_mb: args.tmp_mb,
+            },
+            image: args.image.clone(),
+            output_dir: None,
         };
         let job: Job = api
             .call(Method::POST, "/v1/jobs", Some(&request))
@@ -326,8 +349,11 @@ fn print_job(job: &Job, json: bool) -> Result<()> {
             f.node,
             f.error
                 .clone()
-                .unwrap_or_else(|| format!("exit {:?}", f.exit_code))
+                .unwrap_or_else(|| format!("exit {:?}", f.exit_code)),
         );
+        if let Some(reason) = &f.reason {
+            println!("    {reason}");
+        }
     }
     Ok(())
 }

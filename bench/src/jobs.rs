@@ -1,6 +1,7 @@
 //! Jobs on a local cluster through the burst launch API, as a user submits
 //! them: launch, wait for the end, collect every function's run.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -10,15 +11,51 @@ use particle_workloads::ring::now_ns;
 
 use crate::pipeline::FunctionRun;
 
+/// A directory sandboxed functions may write (a job's `output_dir`): they
+/// run as their tenant's unprivileged uid on a read-only image, so what they
+/// produce is staged here, under the node's `/tmp`, and copied out after.
+/// Removed when dropped, however the run ends.
+pub struct Staging(PathBuf);
+
+impl Staging {
+    pub fn new(tag: &str) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("particle-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        // Sticky and open to all: every tenant's uid may write, none another's files.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))
+            .with_context(|| format!("opening {} to functions", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    /// Where `output` is staged: the same file name in this directory.
+    pub fn stage(&self, output: &Path) -> Result<PathBuf> {
+        let name = output.file_name().context("the output names no file")?;
+        Ok(self.0.join(name))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Launches `functions` copies of `argv` on `tenant` through the launch API
 /// and waits for the job to end; fails unless every function exited 0.
 /// Returns when it was submitted (wall ns), the job, and every function's run.
+/// Functions may write `output_dir` (see [`Staging`]).
 pub async fn launch_job(
     api: &ApiClient,
     tenant: &str,
     argv: Vec<String>,
     functions: usize,
     timeout: Duration,
+    output_dir: Option<&Path>,
 ) -> Result<(u128, Job, Vec<FunctionRun>)> {
     let request = LaunchJob {
         tenant: tenant.into(),
@@ -30,6 +67,9 @@ pub async fn launch_job(
         placement: Placement::default(),
         runtime: RuntimeKind::Builtin,
         port: None,
+        limits: Default::default(),
+        image: None,
+        output_dir: output_dir.map(|d| d.display().to_string()),
     };
     let submitted = now_ns();
     let job: Job = api

@@ -1,7 +1,9 @@
 //! The floor of the startup and pipeline benchmarks: the same functions with
 //! no network of their own, started the way a Particle agent starts them
 //! (`particle_node_agent::launcher`: container namespaces, dropped
-//! privileges, a supervisor per function) by one launcher per node working
+//! privileges, a supervisor per function) in the same sandbox
+//! (`particle_node_agent::sandbox`: the agent's function image, a user
+//! namespace, a cgroup with the default limits) by one launcher per node working
 //! in parallel, as the agents do. All of them join one scratch namespace and
 //! talk over its loopback, so nothing binds a port on the machine. What a
 //! networked system takes beyond this is what its network costs.
@@ -14,6 +16,7 @@ use anyhow::{Context, Result};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
 use particle_node_agent::launcher::{self, FunctionSpec, Runtime};
+use particle_node_agent::sandbox::{FunctionBox, Sandbox, SandboxConfig};
 use particle_wire::function_env::FunctionEnv;
 use particle_workloads::local::FunctionOutput;
 use particle_workloads::ring::now_ns;
@@ -21,7 +24,8 @@ use particle_workloads::ring::now_ns;
 /// Starts `argv` once per environment, the functions of node `n` (rank
 /// `r % nodes == n`, as [`particle_workloads::local::local_envs`] places
 /// them) by that node's launcher thread, and waits for all of them until
-/// `timeout` (those still running then are killed and have no status).
+/// `timeout` (those still running then are killed and have no status);
+/// they may write `output_dir` (as a job's `output_dir`).
 /// `block` is the scratch namespace's (unused) underlay block. Returns when
 /// the launch began (wall-clock ns, after the scratch namespace and the
 /// runtime are set up: those are not the floor's) and the outputs by rank.
@@ -31,10 +35,20 @@ pub fn run(
     nodes: usize,
     block: &str,
     timeout: Duration,
+    output_dir: Option<&Path>,
 ) -> Result<(u128, Vec<FunctionOutput>)> {
     let run = Run::start()?;
     let scratch = ScratchNode::new(run.prefix(), AddressBlock::parse(block)?)
         .context("creating the scratch namespace")?;
+    // Made before the clock starts, as an agent makes it at its start.
+    let dir = std::env::temp_dir().join(run.prefix().label("floor"));
+    std::fs::create_dir_all(&dir).context("the floor's sandbox directory")?;
+    let _dir = RemoveDir(dir.clone());
+    let sandbox = Sandbox::start(SandboxConfig::default(), &dir, &run.prefix().label("floor"))
+        .context("assembling the floor's sandbox")?;
+    let limits = sandbox.limits(&Default::default())?;
+    let root = sandbox.default_root().to_owned();
+    let (sandbox, root) = (&sandbox, &root);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -45,7 +59,7 @@ pub fn run(
     let deadline = Instant::now() + timeout;
     // The agents spawn from a synchronous call inside their runtime (the
     // children are reaped by it); so do these launchers.
-    let started: Vec<Vec<(usize, tokio::process::Child)>> = std::thread::scope(|s| {
+    let started: Vec<Vec<(usize, tokio::process::Child, FunctionBox)>> = std::thread::scope(|s| {
         let launchers: Vec<_> = (0..nodes)
             .map(|node| {
                 let handle = runtime.handle().clone();
@@ -55,6 +69,9 @@ pub fn run(
                     for env in envs.iter().filter(|e| e.rank % nodes == node) {
                         let vars = env.vars();
                         let name = format!("floor-{}", env.rank);
+                        let boxed = sandbox
+                            .prepare(&name, "floor", root.clone(), limits)?
+                            .with_writable(output_dir.map(Path::to_path_buf));
                         let spec = FunctionSpec {
                             argv,
                             env: &vars,
@@ -62,10 +79,11 @@ pub fn run(
                             name: &name,
                             // Only OCI functions have a bundle.
                             bundle_dir: Path::new("/nonexistent"),
+                            isolation: boxed.isolation(),
                         };
                         let child = launcher::spawn(&spec, &Runtime::Builtin)
                             .with_context(|| format!("starting function {}", env.rank))?;
-                        children.push((env.rank, child));
+                        children.push((env.rank, child, boxed));
                     }
                     Ok(children)
                 })
@@ -81,7 +99,7 @@ pub fn run(
     })?;
     let mut outputs = runtime.block_on(async {
         let mut waiting = tokio::task::JoinSet::new();
-        for (rank, child) in started.into_iter().flatten() {
+        for (rank, child, boxed) in started.into_iter().flatten() {
             waiting.spawn(async move {
                 let left = deadline.saturating_duration_since(Instant::now());
                 // A function past the deadline is dropped, which kills it
@@ -92,6 +110,7 @@ pub fn run(
                         Ok(Err(e)) => (None, Vec::new(), format!("waiting for it: {e}").into()),
                         Err(_) => (None, Vec::new(), b"killed at the deadline".to_vec()),
                     };
+                boxed.remove().await;
                 FunctionOutput {
                     rank,
                     status,
@@ -108,4 +127,13 @@ pub fn run(
     })?;
     outputs.sort_by_key(|o| o.rank);
     Ok((submitted, outputs))
+}
+
+/// Removes the floor's sandbox directory when the run ends, however it ends.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -65,6 +65,7 @@ pub(crate) fn start(opts: &Options, runtime: &tokio::runtime::Runtime, c: &Piece
             socket_path: socket.clone(),
             heartbeat_every: HEARTBEAT_EVERY,
             oci_runtime: None,
+            sandbox: Default::default(),
         };
         let dial = host.netns().try_clone()?.tcp_dialer();
         let client = ApiClient::new(c.controller, c.token.into(), dial);

@@ -260,6 +260,16 @@ impl Claims {
             .retain(|_, (claimed, _)| *claimed != id);
     }
 
+    /// Endpoints `tenant` holds claimed (by jobs or lent), for its quota.
+    pub fn held_by(&self, tenant: &str) -> usize {
+        self.claimed_netns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|(_, t)| t == tenant)
+            .count()
+    }
+
     /// The tenant of the claimed endpoint whose namespace has this inode.
     pub fn tenant_of_netns(&self, inode: u64) -> Option<String> {
         self.claimed_netns

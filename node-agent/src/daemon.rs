@@ -14,6 +14,7 @@ use crate::api::metrics::MetricsSources;
 use crate::claims::Claims;
 use crate::jobs::{report_exits, LaunchSettings, NodeJobs};
 use crate::node_state::{NodeConfig, NodeState, OverlayView};
+use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::warm_connections::{WarmConfig, WarmService};
 use particle_wire::client::{ApiClient, ClientError};
 
@@ -27,6 +28,8 @@ pub struct AgentConfig {
     pub heartbeat_every: Duration,
     /// The OCI runtime jobs may ask for (runc); `None`: built-in launcher only.
     pub oci_runtime: Option<PathBuf>,
+    /// Functions' images, limits and tenants' quotas.
+    pub sandbox: SandboxConfig,
 }
 
 /// Where the agent serves what it serves.
@@ -66,6 +69,11 @@ pub async fn run_with_warm(
     let local_api =
         Arc::new(LocalApi::new(claims.clone()).with_run_prefix(config.node.prefix.clone()));
     let overlay_view = Arc::new(OverlayView::default());
+    let mut sandbox_config = config.sandbox.clone();
+    // Functions reach the warm-connection socket at its own path.
+    sandbox_config
+        .binds
+        .extend(warm.as_ref().map(|w| w.socket_path.clone()));
     // Stops (closing its connections) when the agent stops.
     let _warm = match warm {
         Some(mut w) => {
@@ -92,6 +100,15 @@ pub async fn run_with_warm(
     let bundle_dir = config
         .socket_path
         .with_file_name(format!("{}-bundles", config.node_name));
+    // Assembled once, here, beside the socket; removed when the agent stops.
+    let run_dir = bundle_dir
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let label = config.node.prefix.label(&config.node_name);
+    // Blocks the start a moment (links, a few copies, `ldd`): nothing runs yet.
+    let sandbox =
+        Sandbox::start(sandbox_config, &run_dir, &label).map_err(std::io::Error::other)?;
     let (jobs, exit_reports) = NodeJobs::new(
         claims.clone(),
         LaunchSettings {
@@ -99,6 +116,7 @@ pub async fn run_with_warm(
             oci_runtime: config.oci_runtime.clone(),
             bundle_dir,
             instance,
+            sandbox: Arc::new(sandbox),
         },
     );
     let token = client.token().to_string();

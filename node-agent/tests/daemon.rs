@@ -96,6 +96,7 @@ fn start_agent(run: &Run, host: &Endpoint, i: usize, controller: SocketAddr) -> 
         socket_path: socket.clone(),
         heartbeat_every: Duration::from_millis(100),
         oci_runtime: None,
+        sandbox: Default::default(),
     };
     let client = ApiClient::new(controller, TOKEN.into(), dial_from(host.netns()));
     let metrics_addr = SocketAddr::new(IpAddr::V4(host.address().ip()), 9101);

@@ -1,43 +1,96 @@
 //! The launcher on the real kernel: a function joins its endpoint's network
-//! namespace and gets its own PID, mount, UTS and IPC namespaces, through the
-//! built-in launcher and through runc.
+//! namespace and gets its own user, PID, mount, UTS and IPC namespaces, on
+//! the read-only function image with a private `/tmp`, in its own cgroup,
+//! through the built-in launcher and through runc.
 
 mod common;
 
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 
-use particle_net::NetNs;
+use particle_net::{NetNs, Run};
 use particle_node_agent::launcher::{self, FunctionSpec, LaunchError, Runtime};
+use particle_node_agent::sandbox::{FunctionBox, Sandbox, SandboxConfig};
+use particle_wire::api::FunctionLimits;
 
-const PROBE: &str =
-    "echo pid=$$; hostname; readlink /proc/1/ns/net /proc/1/ns/uts; echo $PARTICLE_RANK";
+const PROBE: &str = "echo pid=$$; hostname; for l in net uts; do readlink /proc/1/ns/$l; done; \
+    echo uid=$(id -u) map=$(cat /proc/self/uid_map); echo $PARTICLE_RANK";
 
-async fn run(runtime: &Runtime, netns: &NetNs, name: &str) -> (i32, String, String) {
-    let dir = tempdir(name);
-    let argv = ["/bin/sh".to_string(), "-c".into(), PROBE.into()];
+/// A sandbox of this test's own run (image and cgroups carry its prefix),
+/// removed with its directory when dropped, even if the test fails.
+struct TestSandbox {
+    sandbox: Sandbox,
+    dir: PathBuf,
+}
+
+impl std::ops::Deref for TestSandbox {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.sandbox
+    }
+}
+
+impl Drop for TestSandbox {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sandbox(run: &Run, config: SandboxConfig) -> TestSandbox {
+    let dir = std::path::Path::new("/run/particle").join(run.prefix().label("launcher"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sandbox = Sandbox::start(config, &dir, &run.prefix().label("node")).unwrap();
+    TestSandbox { sandbox, dir }
+}
+
+struct Launched {
+    code: i32,
+    out: String,
+    err: String,
+    verdict: Option<String>,
+}
+
+async fn launch(
+    sandbox: &Sandbox,
+    runtime: &Runtime,
+    netns: &NetNs,
+    name: &str,
+    argv: &[&str],
+    limits: FunctionLimits,
+) -> Launched {
+    let dir = std::env::temp_dir().join(format!("particle-launcher-{}-{name}", std::process::id()));
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
     let env = [("PARTICLE_RANK".to_string(), "7".to_string())];
+    let boxed: FunctionBox = sandbox
+        .prepare(
+            name,
+            "tenant-a",
+            sandbox.default_root().to_owned(),
+            sandbox.limits(&limits).unwrap(),
+        )
+        .unwrap();
     let spec = FunctionSpec {
         argv: &argv,
         env: &env,
         netns: Some(netns.as_fd()),
         name,
         bundle_dir: &dir,
+        isolation: boxed.isolation(),
     };
     let child = launcher::spawn(&spec, runtime).unwrap();
     let out = child.wait_with_output().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let verdict = boxed.verdict();
+    boxed.remove().await;
+    Launched {
+        code: out.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+        verdict,
+    }
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("particle-launcher-{}-{name}", std::process::id()))
-}
-
-fn expect_container(out: &str, netns: &NetNs, name: &str) {
+fn expect_container(out: &str, netns: &NetNs, name: &str, sandbox: &Sandbox) {
     let ns_inode = netns.inode().unwrap();
     assert!(out.contains("pid=1\n"), "PID 1 of its own namespace: {out}");
     assert!(out.contains(&format!("{name}\n")), "hostname: {out}");
@@ -50,42 +103,220 @@ fn expect_container(out: &str, netns: &NetNs, name: &str) {
         !out.contains(&*host_uts.to_string_lossy()),
         "own UTS namespace: {out}"
     );
+    let ids = sandbox.ids("tenant-a").unwrap();
+    assert!(
+        out.contains(&format!("uid=0 map= 0 {} {}", ids.host_base, ids.count)),
+        "root inside is the tenant's host range: {out}"
+    );
     assert!(out.trim_end().ends_with('7'), "job environment: {out}");
 }
 
 #[tokio::test]
 async fn builtin_launcher_isolates_the_function_in_its_endpoint() {
-    let (run_, _fabric) = common::fabric("10.212.0.0/24");
+    let (run, _fabric) = common::fabric("10.212.0.0/24");
+    let sandbox = sandbox(&run, SandboxConfig::default());
     let netns = NetNs::create().unwrap();
-    let name = run_.prefix().label("f0");
-    let (code, out, err) = run(&Runtime::Builtin, &netns, &name).await;
-    assert_eq!(code, 0, "{out}{err}");
-    expect_container(&out, &netns, &name);
+    let name = run.prefix().label("f0");
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &name,
+        &["/bin/sh", "-c", PROBE],
+        FunctionLimits::default(),
+    )
+    .await;
+    assert_eq!(l.code, 0, "{}{}", l.out, l.err);
+    expect_container(&l.out, &netns, &name, &sandbox);
+}
+
+#[tokio::test]
+async fn the_function_sees_its_image_not_the_node() {
+    let (run, _fabric) = common::fabric("10.212.3.0/24");
+    // A node file functions are given (as the warm socket is), in the
+    // sandbox's directory (removed with it).
+    let shared = std::path::Path::new("/run/particle")
+        .join(run.prefix().label("launcher"))
+        .join("shared");
+    std::fs::create_dir_all(shared.parent().unwrap()).unwrap();
+    std::fs::write(&shared, "shared\n").unwrap();
+    let config = SandboxConfig {
+        binds: vec![shared.clone()],
+        ..Default::default()
+    };
+    let sandbox = sandbox(&run, config);
+    let netns = NetNs::create().unwrap();
+    // A node file of this test's own (never a real system file).
+    let canary = sandbox.dir.join(run.prefix().label("canary"));
+    std::fs::write(&canary, "node\n").unwrap();
+    let script = format!(
+        "echo x >> /etc/passwd 2>/dev/null && echo v:etc written || echo v:etc denied; \
+         cat {c} 2>/dev/null && echo v:canary seen || echo v:canary unseen; \
+         echo x > /bin/sh 2>/dev/null && echo v:bin written || echo v:bin denied; \
+         echo hi > /tmp/t && echo v:tmp $(cat /tmp/t); \
+         set -- /proc/[0-9]*; echo v:procs $#; \
+         ls /run/particle/runs >/dev/null 2>&1 && echo v:run seen || echo v:run unseen; \
+         grep -q '^CapEff:[[:space:]]*0*$' /proc/self/status && echo v:caps none || echo v:caps some; \
+         grep -q '^NoNewPrivs:[[:space:]]*1' /proc/self/status && echo v:nnp set || echo v:nnp unset; \
+         bash -c 'echo v:bash ok'; echo v:shared $(cat {s})",
+        c = canary.display(),
+        s = shared.display()
+    );
+    let name = run.prefix().label("f3");
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &name,
+        &["/bin/sh", "-c", &script],
+        FunctionLimits::default(),
+    )
+    .await;
+    assert_eq!(std::fs::read_to_string(&canary).unwrap(), "node\n");
+    assert_eq!(l.code, 0, "{}{}", l.out, l.err);
+    for want in [
+        "v:etc denied",
+        "v:canary unseen",
+        "v:bin denied",
+        "v:tmp hi",
+        "v:procs 1\n",
+        "v:run unseen",
+        "v:caps none",
+        "v:nnp set",
+        "v:bash ok",
+        "v:shared shared",
+    ] {
+        assert!(l.out.contains(want), "{want}: {}{}", l.out, l.err);
+    }
+}
+
+#[tokio::test]
+async fn limits_hold_and_say_why_a_function_ended() {
+    let (run, _fabric) = common::fabric("10.212.4.0/24");
+    let sandbox = sandbox(&run, SandboxConfig::default());
+    let netns = NetNs::create().unwrap();
+    let memory = FunctionLimits {
+        memory_mb: Some(32),
+        ..Default::default()
+    };
+    // `tail` of an endless line keeps all of it in memory.
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &run.prefix().label("hog"),
+        &["/bin/sh", "-c", "tail /dev/zero"],
+        memory,
+    )
+    .await;
+    assert_ne!(l.code, 0);
+    let verdict = l.verdict.unwrap_or_default();
+    assert!(verdict.contains("out of memory"), "{verdict:?} {}", l.err);
+
+    let pids = FunctionLimits {
+        pids: Some(16),
+        ..Default::default()
+    };
+    // ash gives up at the first refused fork: a subshell forks, the
+    // function counts what it got with builtins only.
+    let bomb =
+        "(for i in $(seq 64); do sleep 5 & done) 2>/dev/null; set -- /proc/[0-9]*; echo v:procs $#";
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &run.prefix().label("bomb"),
+        &["/bin/sh", "-c", bomb],
+        pids,
+    )
+    .await;
+    let procs: usize = l
+        .out
+        .split("v:procs ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}{}", l.out, l.err));
+    assert!(procs <= 16, "{procs} processes under a limit of 16");
+    assert!(l.verdict.unwrap_or_default().contains("process limit"));
+
+    let tmp = FunctionLimits {
+        tmp_mb: Some(2),
+        ..Default::default()
+    };
+    let fill =
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=8 2>/dev/null; echo v:size $(wc -c < /tmp/fill)";
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &run.prefix().label("fill"),
+        &["/bin/sh", "-c", fill],
+        tmp,
+    )
+    .await;
+    let size: u64 = l
+        .out
+        .split("v:size ")
+        .nth(1)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}{}", l.out, l.err));
+    assert!(size <= 2 << 20, "{size} bytes in a 2 MiB /tmp");
+}
+
+#[tokio::test]
+async fn icmp_works_where_the_endpoint_opens_ping_sockets() {
+    let (run, _fabric) = common::fabric("10.212.5.0/24");
+    let sandbox = sandbox(&run, SandboxConfig::default());
+    let netns = NetNs::create().unwrap();
+    // What endpoints set (particle-net): every gid may open ICMP sockets.
+    let set = netns
+        .command("sh")
+        .args([
+            "-c",
+            "ip link set lo up && sysctl -qw net.ipv4.ping_group_range='0 2147483647'",
+        ])
+        .status()
+        .unwrap();
+    assert!(set.success());
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &run.prefix().label("ping"),
+        &["/bin/ping", "-c", "1", "-W", "2", "127.0.0.1"],
+        FunctionLimits::default(),
+    )
+    .await;
+    assert_eq!(l.code, 0, "{}{}", l.out, l.err);
 }
 
 #[tokio::test]
 async fn exit_codes_and_bad_commands_come_back() {
-    let (run_, _fabric) = common::fabric("10.212.1.0/24");
+    let (run, _fabric) = common::fabric("10.212.1.0/24");
+    let sandbox = sandbox(&run, SandboxConfig::default());
     let netns = NetNs::create().unwrap();
-    let dir = tempdir("codes");
-    let argv = ["/bin/sh".to_string(), "-c".into(), "exit 3".into()];
-    let name = run_.prefix().label("f1");
-    let spec = FunctionSpec {
-        argv: &argv,
-        env: &[],
-        netns: Some(netns.as_fd()),
-        name: &name,
-        bundle_dir: &dir,
-    };
-    let out = launcher::spawn(&spec, &Runtime::Builtin)
-        .unwrap()
-        .wait_with_output()
-        .await
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    let l = launch(
+        &sandbox,
+        &Runtime::Builtin,
+        &netns,
+        &run.prefix().label("f1"),
+        &["/bin/sh", "-c", "exit 3"],
+        FunctionLimits::default(),
+    )
+    .await;
+    assert_eq!(l.code, 3);
 
     // Cancelling kills the supervisor; the function (and all its PID
     // namespace) must go with it.
+    let name = run.prefix().label("f2");
+    let boxed = sandbox
+        .prepare(
+            &name,
+            "tenant-a",
+            sandbox.default_root().to_owned(),
+            sandbox.limits(&FunctionLimits::default()).unwrap(),
+        )
+        .unwrap();
     let argv = [
         "/bin/sh".to_string(),
         "-c".into(),
@@ -93,7 +324,11 @@ async fn exit_codes_and_bad_commands_come_back() {
     ];
     let spec = FunctionSpec {
         argv: &argv,
-        ..spec
+        env: &[],
+        netns: Some(netns.as_fd()),
+        name: &name,
+        bundle_dir: &sandbox.dir,
+        isolation: boxed.isolation(),
     };
     let mut child = launcher::spawn(&spec, &Runtime::Builtin).unwrap();
     let supervisor = child.id().unwrap();
@@ -120,15 +355,24 @@ async fn exit_codes_and_bad_commands_come_back() {
         "the function {function} outlived its cancelled supervisor"
     );
 
+    let root = sandbox.default_root();
     assert!(matches!(
-        launcher::resolve("/no/such/program"),
+        launcher::resolve(root, "/no/such/program"),
         Err(LaunchError::NotFound(_))
     ));
     assert!(matches!(
-        launcher::resolve(""),
+        launcher::resolve(root, ""),
         Err(LaunchError::EmptyCommand)
     ));
-    assert_eq!(launcher::resolve("sh").unwrap().file_name().unwrap(), "sh");
+    assert_eq!(
+        launcher::resolve(root, "sh").unwrap().file_name().unwrap(),
+        "sh"
+    );
+    // On the node, not in the image: not found.
+    assert!(matches!(
+        launcher::resolve(root, "/usr/sbin/runc"),
+        Err(LaunchError::NotFound(_))
+    ));
     let argv = ["/no/such/program".to_string()];
     let spec = FunctionSpec {
         argv: &argv,
@@ -140,15 +384,31 @@ async fn exit_codes_and_bad_commands_come_back() {
 
 #[tokio::test]
 async fn oci_runtime_runs_the_function_in_its_endpoint() {
-    let runc = std::path::PathBuf::from("/usr/sbin/runc");
+    let runc = PathBuf::from("/usr/sbin/runc");
     assert!(
         runc.exists(),
         "runc is missing: scripts/install-deps installs it (Debian package runc)"
     );
-    let (run_, _fabric) = common::fabric("10.212.2.0/24");
+    let (run, _fabric) = common::fabric("10.212.2.0/24");
+    let sandbox = sandbox(&run, SandboxConfig::default());
     let netns = NetNs::create().unwrap();
-    let name = run_.prefix().label("oci");
-    let (code, out, err) = run(&Runtime::Oci { binary: runc }, &netns, &name).await;
-    assert_eq!(code, 0, "{out}{err}");
-    expect_container(&out, &netns, &name);
+    let name = run.prefix().label("oci");
+    let probe = format!("{PROBE}; grep NoNewPrivs /proc/self/status");
+    let l = launch(
+        &sandbox,
+        &Runtime::Oci { binary: runc },
+        &netns,
+        &name,
+        &["/bin/sh", "-c", &probe],
+        FunctionLimits::default(),
+    )
+    .await;
+    assert_eq!(l.code, 0, "{}{}", l.out, l.err);
+    expect_container(
+        &l.out.replace("NoNewPrivs:\t1\n", ""),
+        &netns,
+        &name,
+        &sandbox,
+    );
+    assert!(l.out.contains("NoNewPrivs:\t1"), "{}", l.out);
 }

@@ -152,6 +152,7 @@ async fn the_daemon_hands_warm_connections_to_its_claimed_endpoints_by_tenant() 
         socket_path: socket.clone(),
         heartbeat_every: Duration::from_millis(200),
         oci_runtime: None,
+        sandbox: Default::default(),
     };
     let mut warm = WarmConfig::new(warm_socket.clone());
     warm.destinations = vec![WarmDestination {

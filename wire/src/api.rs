@@ -166,7 +166,8 @@ pub struct ApiError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionCommand {
-    /// Program and arguments; the program is looked up in PATH on the node.
+    /// Program and arguments; the program is looked up in PATH inside the
+    /// function's root file system ([`LaunchJob::image`]).
     pub argv: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -211,6 +212,45 @@ pub struct LaunchJob {
     /// The port every function's entry in `PARTICLE_PEERS` names (default 7000).
     #[serde(default)]
     pub port: Option<u16>,
+    /// Per-function limits; what is unset comes from the agents' settings.
+    #[serde(default, skip_serializing_if = "FunctionLimits::is_unset")]
+    pub limits: FunctionLimits,
+    /// The functions' root file system: a directory on the nodes, or an
+    /// unpacked OCI image (a directory holding `rootfs/`); default: the
+    /// tenant's image in the agents' settings, else the agents' own minimal
+    /// image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// A directory of the nodes the functions may write, at the same path
+    /// (their only way to leave files on a node, e.g. the pipeline's
+    /// stream). Under `/tmp` (made inside their private `/tmp`), or where
+    /// the image has a directory for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
+}
+
+/// What one function may use; `None`: the agent's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionLimits {
+    /// Processes and threads, its PID 1 included.
+    #[serde(default)]
+    pub pids: Option<u64>,
+    /// Memory (its private `/tmp` included), MiB; over it, the function is killed.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
+    /// CPU weight relative to other functions, 1..=10000 (100: an even share).
+    #[serde(default)]
+    pub cpu_weight: Option<u64>,
+    /// Size of its private `/tmp`, MiB.
+    #[serde(default)]
+    pub tmp_mb: Option<u64>,
+}
+
+impl FunctionLimits {
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +292,10 @@ pub struct FunctionStatus {
     /// The end of what it printed (only with `?output=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Why it ended the way it did, when its node knows more than the exit
+    /// code (killed at its memory limit, refused forks at its process limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -290,6 +334,16 @@ pub struct ReserveFunctions {
     /// Checked before anything is claimed.
     pub program: String,
     pub runtime: RuntimeKind,
+    /// [`LaunchJob::limits`], checked before anything is claimed and kept
+    /// for the start.
+    #[serde(default, skip_serializing_if = "FunctionLimits::is_unset")]
+    pub limits: FunctionLimits,
+    /// [`LaunchJob::image`], where `program` is looked up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// [`LaunchJob::output_dir`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,4 +405,7 @@ pub struct FunctionExit {
     pub error: Option<String>,
     /// The end of its output (bounded by the agent).
     pub output: String,
+    /// [`FunctionStatus::reason`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

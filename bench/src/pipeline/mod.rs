@@ -18,7 +18,7 @@ use particle_wire::api::Job;
 use particle_workloads::local::local_envs;
 use serde::Serialize;
 
-use crate::jobs::launch_job;
+use crate::jobs::{launch_job, Staging};
 use crate::pipeline_baseline::Baseline;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -175,6 +175,12 @@ pub fn on_particle(
     prepared: impl FnOnce(Duration),
 ) -> Result<ParticleRun> {
     let per_node = spec.functions.div_ceil(cluster.nodes);
+    // Sandboxed functions write only where the job lets them: staged, then copied out.
+    let staging = Staging::new("pipeline")?;
+    let staged = PipelineSpec {
+        output: staging.stage(&spec.output)?,
+        ..spec.clone()
+    };
     let cluster = LocalCluster::start(cluster)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -182,9 +188,18 @@ pub fn on_particle(
         let prepare =
             tenants::prepare(&api, tenant.name, tenant.vni, tenant.subnet, per_node).await?;
         prepared(prepare);
-        let argv = spec.argv(program);
-        let (submitted, job, runs) =
-            launch_job(&api, tenant.name, argv, spec.functions, spec.timeout).await?;
+        let argv = staged.argv(program);
+        let (submitted, job, runs) = launch_job(
+            &api,
+            tenant.name,
+            argv,
+            spec.functions,
+            spec.timeout,
+            Some(staging.dir()),
+        )
+        .await?;
+        std::fs::copy(&staged.output, &spec.output)
+            .with_context(|| format!("writing {}", spec.output.display()))?;
         Ok(ParticleRun {
             prepare,
             submitted,
@@ -238,9 +253,23 @@ fn run_baseline(
 /// node in parallel, with no network of their own (`crate::no_network`).
 fn run_no_network(spec: &PipelineSpec, nodes: usize, program: &Path) -> Result<SystemResult> {
     let envs = local_envs("no-network", spec.functions, 20_000, nodes);
-    let argv = spec.argv(program);
-    let (submitted, outputs) =
-        crate::no_network::run(&envs, &argv, nodes, "10.251.0.0/24", spec.timeout)?;
+    // The floor's functions are sandboxed like Particle's: staged output.
+    let staging = Staging::new("pipeline-floor")?;
+    let staged = PipelineSpec {
+        output: staging.stage(&spec.output)?,
+        ..spec.clone()
+    };
+    let argv = staged.argv(program);
+    let (submitted, outputs) = crate::no_network::run(
+        &envs,
+        &argv,
+        nodes,
+        "10.251.0.0/24",
+        spec.timeout,
+        Some(staging.dir()),
+    )?;
+    std::fs::copy(&staged.output, &spec.output)
+        .with_context(|| format!("writing {}", spec.output.display()))?;
     let runs: Vec<FunctionRun> = outputs
         .into_iter()
         .map(|o| FunctionRun {

@@ -244,7 +244,7 @@ async fn ring_job(
     size: usize,
 ) -> Result<Outcome> {
     let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
-    let (submitted, _, runs) = launch_job(api, tenant, argv, size, timeout).await?;
+    let (submitted, _, runs) = launch_job(api, tenant, argv, size, timeout, None).await?;
     let startups = runs
         .iter()
         .map(|r| {
@@ -269,6 +269,9 @@ async fn cancelled_job(api: &ApiClient, tenant: &str, size: usize) -> Result<Out
         placement: Default::default(),
         runtime: Default::default(),
         port: None,
+        limits: Default::default(),
+        image: None,
+        output_dir: None,
     };
     let job: Job = api.call(Method::POST, "/v1/jobs", Some(&request)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -180,7 +180,7 @@ fn particle(
                 tenants::set_warm(&api, "warm", per_node(m)).await?;
                 tenants::warm_up(&api, "warm", per_node(m)).await?;
                 let (submitted, _, runs) =
-                    launch_job(&api, "warm", argv.to_vec(), m, timeout).await?;
+                    launch_job(&api, "warm", argv.to_vec(), m, timeout, None).await?;
                 report.add_burst(
                     "particle-warm",
                     measured(submitted, runs.iter().map(|r| &r.stdout))?,
@@ -190,7 +190,7 @@ fn particle(
                 tenants::set_warm(&api, "cold", 1).await?;
                 tenants::warm_up(&api, "cold", 1).await?;
                 let (submitted, _, runs) =
-                    launch_job(&api, "cold", argv.to_vec(), m, timeout).await?;
+                    launch_job(&api, "cold", argv.to_vec(), m, timeout, None).await?;
                 report.add_burst(
                     "particle-cold",
                     measured(submitted, runs.iter().map(|r| &r.stdout))?,
@@ -219,7 +219,7 @@ pub fn ring_tenant(name: &str, vni: u32, subnet: &str) -> CreateTenant {
 fn no_network(argv: &[String], nodes: usize, m: usize, timeout: Duration) -> Result<Burst> {
     let envs = local_envs("no-network", m, 20_000, nodes);
     let (submitted, outputs) =
-        crate::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout)?;
+        crate::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout, None)?;
     measured(submitted, outputs.iter().map(|o| &o.stdout))
 }
 

@@ -42,6 +42,9 @@ pub(super) async fn reserve_all(
             ranks: ranks.clone(),
             program: program.to_string(),
             runtime: req.runtime,
+            limits: req.limits,
+            image: req.image.clone(),
+            output_dir: req.output_dir.clone(),
         };
         let path = format!("/v1/jobs/{id}/reserve");
         let api = client(c, *addr);

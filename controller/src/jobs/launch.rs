@@ -126,6 +126,7 @@ fn reserved_functions(
             bound: false,
             error: Some("no endpoint".into()),
             output: None,
+            reason: None,
         })
         .collect();
     let mut instances = BTreeMap::new();

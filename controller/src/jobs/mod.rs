@@ -282,6 +282,7 @@ impl Jobs {
             f.exit_code = exit.exit_code;
             f.error = exit.error;
             f.output = Some(exit.output);
+            f.reason = exit.reason;
             if settle(r) {
                 ended.push(r.job.id.clone());
             }
@@ -415,6 +416,7 @@ mod tests {
                 bound: false,
                 error: None,
                 output: None,
+                reason: None,
             })
             .collect();
         jobs.lock().jobs.insert(
@@ -448,6 +450,7 @@ mod tests {
             exit_code: Some(code),
             error: None,
             output: "out".into(),
+            reason: None,
         }
     }
 

@@ -1,29 +1,35 @@
 //! The agent's side of a burst: endpoints reserved for a job's ranks, the
 //! functions started in them, their output kept, their exits reported to the
 //! controller in batches, and their endpoints handed back to the pool (the
-//! recycler checks and reuses them) as each function ends.
+//! recycler checks and reuses them) as each function ends. Each function
+//! runs in its sandbox ([`crate::sandbox`]); a tenant's share of the node
+//! is checked at reserve, before anything is claimed ([`quota`]).
+
+mod quota;
+mod watch;
+
+pub use watch::report_exits;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use axum::http::StatusCode;
 use particle_net::PooledEndpoint;
 use particle_wire::api::{
-    FunctionExit, FunctionExits, ReserveFunctions, Reserved, ReservedEndpoint, RuntimeKind,
-    StartFailure, StartFunctions, Started,
+    FunctionExit, ReserveFunctions, Reserved, ReservedEndpoint, RuntimeKind, StartFailure,
+    StartFunctions, Started,
 };
 use particle_wire::function_env::FunctionEnv;
 use particle_wire::HttpError;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::claims::{Claims, Origin};
 use crate::launcher::{self, FunctionSpec, Runtime};
-use particle_wire::client::{ApiClient, Method};
+use crate::sandbox::{Limits, Sandbox};
+use watch::FunctionWatch;
 
 /// Output kept per function; beyond it the rest is dropped (and said so).
 const MAX_OUTPUT: usize = 1 << 20;
@@ -36,7 +42,7 @@ const RETAINED_JOBS: usize = 64;
 const NEW_TENANT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How this node starts functions.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LaunchSettings {
     pub node: String,
     /// The OCI runtime for jobs that ask for one (runc); `None`: refuse them.
@@ -45,6 +51,8 @@ pub struct LaunchSettings {
     pub bundle_dir: PathBuf,
     /// This agent run's identity ([`particle_wire::api::RegisterNode::instance`]).
     pub instance: String,
+    /// Images, limits, id ranges and quotas of its functions.
+    pub sandbox: Arc<Sandbox>,
 }
 
 #[derive(Default)]
@@ -62,6 +70,11 @@ struct Slot {
 }
 
 struct NodeJob {
+    tenant: String,
+    /// Its functions' root and limits, settled at reserve.
+    root: PathBuf,
+    limits: Limits,
+    output_dir: Option<PathBuf>,
     functions: BTreeMap<usize, Slot>,
     started: bool,
     running: usize,
@@ -71,6 +84,8 @@ struct NodeJob {
 struct Table {
     jobs: HashMap<String, NodeJob>,
     ended: VecDeque<String>,
+    /// Functions of reserves in flight, by tenant (counted by the quota).
+    pending: HashMap<String, usize>,
 }
 
 /// Every job with functions on this node.
@@ -130,18 +145,28 @@ impl NodeJobs {
     /// Claims an endpoint per rank (blocks only to build cold endpoints).
     pub fn reserve(&self, job: &str, req: ReserveFunctions) -> Result<Reserved, HttpError> {
         self.runtime(req.runtime)?;
-        launcher::resolve(&req.program).map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("on node {}: {e}", self.settings.node),
-            )
-        })?;
+        let node = &self.settings.node;
+        let bad = |e: &dyn std::fmt::Display| {
+            error(StatusCode::BAD_REQUEST, format!("on node {node}: {e}"))
+        };
+        let sandbox = &self.settings.sandbox;
+        let root = sandbox
+            .root_for(&req.tenant, req.image.as_deref())
+            .map_err(|e| bad(&e))?;
+        let limits = sandbox.limits(&req.limits).map_err(|e| bad(&e))?;
+        let output_dir = match &req.output_dir {
+            Some(d) => Some(sandbox.output_dir(&root, d).map_err(|e| bad(&e))?),
+            None => None,
+        };
+        launcher::resolve(&root, &req.program).map_err(|e| bad(&e))?;
         if lock(&self.table).jobs.contains_key(job) {
             return Err(error(
                 StatusCode::CONFLICT,
                 format!("job {job} is already reserved here"),
             ));
         }
+        // Counted as the tenant's from here; given back whatever happens.
+        let pending = self.admit(&req.tenant, req.ranks.len())?;
         let clock = std::time::Instant::now();
         // The controller knows the tenant; this node may still be building it.
         self.claims.wait_for_tenant(&req.tenant, NEW_TENANT_WAIT);
@@ -189,9 +214,15 @@ impl NodeJobs {
                 }),
             }
         }
-        lock(&self.table).jobs.insert(
+        let mut table = lock(&self.table);
+        pending.settle(&mut table);
+        table.jobs.insert(
             job.to_string(),
             NodeJob {
+                tenant: req.tenant.clone(),
+                root,
+                limits,
+                output_dir,
                 functions,
                 started: false,
                 running: 0,
@@ -239,12 +270,28 @@ impl NodeJobs {
             let mut env = contract.vars();
             env.append(&mut extra.clone());
             let name = format!("{job}-{rank}");
+            let sandbox = match self.settings.sandbox.prepare(
+                &name,
+                &node_job.tenant,
+                node_job.root.clone(),
+                node_job.limits,
+            ) {
+                Ok(s) => s.with_writable(node_job.output_dir.clone()),
+                Err(e) => {
+                    failed.push(StartFailure {
+                        rank,
+                        error: e.to_string(),
+                    });
+                    continue;
+                }
+            };
             let spec = FunctionSpec {
                 argv: &req.command.argv,
                 env: &env,
                 netns: Some(endpoint.netns().as_fd()),
                 name: &name,
                 bundle_dir: &self.settings.bundle_dir,
+                isolation: sandbox.isolation(),
             };
             match launcher::spawn(&spec, &runtime) {
                 Ok(child) => {
@@ -260,6 +307,7 @@ impl NodeJobs {
                         output: slot.output.clone(),
                         bundle: matches!(runtime, Runtime::Oci { .. })
                             .then(|| self.settings.bundle_dir.join(&name)),
+                        sandbox,
                     };
                     tokio::spawn(async move {
                         let exit = watch.run(child, killed, endpoint, &claims).await;
@@ -348,105 +396,5 @@ impl NodeJobs {
             })?;
         let out = lock(&slot.output);
         Ok(out.bytes.get(offset..).unwrap_or_default().to_vec())
-    }
-}
-
-/// One running function, from start to exit report.
-struct FunctionWatch {
-    job: String,
-    rank: usize,
-    output: Arc<Mutex<Output>>,
-    bundle: Option<PathBuf>,
-}
-
-impl FunctionWatch {
-    async fn run(
-        self,
-        mut child: tokio::process::Child,
-        killed: oneshot::Receiver<()>,
-        endpoint: PooledEndpoint,
-        claims: &Claims,
-    ) -> FunctionExit {
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let collect =
-            async { tokio::join!(capture(stdout, &self.output), capture(stderr, &self.output)) };
-        let status = tokio::select! {
-            (status, _) = async { tokio::join!(child.wait(), collect) } => status.map_err(|e| e.to_string()),
-            _ = killed => {
-                let _ = child.kill().await;
-                Err("cancelled".to_string())
-            }
-        };
-        // The function is gone (and its PID namespace with it): the endpoint
-        // goes back to the pool, whose recycler checks it before reuse.
-        claims.forget_netns(&endpoint);
-        drop(endpoint);
-        if let Some(bundle) = &self.bundle {
-            let _ = std::fs::remove_dir_all(bundle);
-        }
-        let out = lock(&self.output);
-        let tail_from = out.bytes.len().saturating_sub(REPORTED_OUTPUT);
-        let mut output = String::from_utf8_lossy(&out.bytes[tail_from..]).into_owned();
-        if out.truncated {
-            output.push_str("\n[output truncated by the agent]\n");
-        }
-        let (exit_code, error) = match status {
-            Ok(s) => (s.code(), None),
-            Err(e) => (None, Some(e)),
-        };
-        FunctionExit {
-            job: self.job,
-            rank: self.rank,
-            exit_code,
-            error,
-            output,
-        }
-    }
-}
-
-/// Appends a pipe's bytes to the function's output, up to [`MAX_OUTPUT`].
-async fn capture(pipe: Option<impl AsyncRead + Unpin>, output: &Mutex<Output>) {
-    let Some(mut pipe) = pipe else { return };
-    let mut buf = [0u8; 4096];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let mut out = lock(output);
-                let room = MAX_OUTPUT.saturating_sub(out.bytes.len());
-                out.bytes.extend_from_slice(&buf[..n.min(room)]);
-                if n > room {
-                    out.truncated = true;
-                }
-            }
-        }
-    }
-}
-
-/// Sends exit reports to the controller in batches (whatever arrived while
-/// the previous batch was in flight), retrying until it answers.
-pub async fn report_exits(
-    client: ApiClient,
-    node: String,
-    mut reports: mpsc::UnboundedReceiver<FunctionExit>,
-) {
-    let path = format!("/v1/agents/{node}/exits");
-    while let Some(first) = reports.recv().await {
-        let mut batch = FunctionExits { exits: vec![first] };
-        // Let a burst's exits gather into one request.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        while let Ok(more) = reports.try_recv() {
-            batch.exits.push(more);
-        }
-        let mut backoff = Duration::from_millis(100);
-        while let Err(e) = client.send(Method::POST, &path, Some(&batch)).await {
-            tracing::warn!("reporting {} exits: {e}", batch.exits.len());
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            while let Ok(more) = reports.try_recv() {
-                batch.exits.push(more);
-            }
-        }
     }
 }
