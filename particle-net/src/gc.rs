@@ -203,8 +203,9 @@ fn collect_run_locks_except(failed: &[String]) -> GcReport {
 /// Collects everything: mounted namespaces, links in the socket's namespace
 /// (if given), then the dead runs' lock files.
 pub fn collect(socket: Option<&mut NetlinkSocket>) -> GcReport {
-    let mut report = collect_mounted_namespaces();
-    report.merge(collect_hidden_namespaces());
+    // Hidden ones first: their files look like plain entries to the next pass.
+    let mut report = collect_hidden_namespaces();
+    report.merge(collect_mounted_namespaces());
     if let Some(socket) = socket {
         report.merge(collect_links(socket));
     }
