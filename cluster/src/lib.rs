@@ -460,8 +460,10 @@ impl ClusterDir {
         };
         let dir = Self(Path::new(RUN_DIR).join(label));
         std::fs::create_dir_all(&dir.0)?;
-        // The token, logs and sockets inside are the cluster's alone.
-        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        // Nobody else may list it; its files (token, logs, sockets: 0600)
+        // are the cluster's alone. Search stays open: sandboxed functions,
+        // unprivileged outside, reach their image here.
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         if mode == Mode::Processes {
             let me = std::process::id();
             let start = process_start(me as i32).context("reading this process's start time")?;
