@@ -120,6 +120,7 @@ impl NodeState {
                 let factory = EndpointFactory::new(FactoryConfig {
                     home: node.try_clone().map_err(NetlinkError::from)?,
                     bridge_index: None,
+                    lock_ports: true,
                     prefix: config.prefix.clone(),
                     workers: config.workers,
                 })

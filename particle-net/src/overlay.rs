@@ -198,6 +198,7 @@ impl TenantNetwork {
         Ok(EndpointFactory::new(FactoryConfig {
             home: self.netns.try_clone()?,
             bridge_index: Some(self.bridge.index),
+            lock_ports: true,
             prefix: prefix.clone(),
             workers,
         })?)

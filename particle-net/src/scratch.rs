@@ -43,11 +43,21 @@ impl ScratchNode {
         })
     }
 
-    /// A factory that builds endpoints attached to this node's bridge.
+    /// A factory that builds endpoints attached to this node's bridge,
+    /// their ports locked as a tenant's are.
     pub fn factory(&self, workers: usize) -> Result<EndpointFactory, EndpointError> {
+        self.factory_with(workers, true)
+    }
+
+    fn factory_with(
+        &self,
+        workers: usize,
+        lock_ports: bool,
+    ) -> Result<EndpointFactory, EndpointError> {
         EndpointFactory::new(FactoryConfig {
             home: self.netns.try_clone()?,
             bridge_index: Some(self.bridge.index),
+            lock_ports,
             prefix: self.prefix.clone(),
             workers,
         })
@@ -55,10 +65,15 @@ impl ScratchNode {
 
     /// `n` simulated hosts on this namespace's bridge, as docs/design.md's "one
     /// machine, many nodes" has them: each a namespace whose `eth0` is its
-    /// underlay interface, with an address from this node's block.
+    /// underlay interface, with an address from this node's block. Their
+    /// ports are not locked: a host may route other addresses' packets
+    /// (the CNI bridge baseline's host-gw routes do), as on a real network.
     pub fn hosts(&mut self, n: usize) -> Result<Vec<Endpoint>, EndpointError> {
         let specs = EndpointSpec::allocate(&mut self.block, n);
-        self.factory(1)?.create_batch(&specs).into_iter().collect()
+        self.factory_with(1, false)?
+            .create_batch(&specs)
+            .into_iter()
+            .collect()
     }
 
     /// The underlay of a host made by [`Self::hosts`].

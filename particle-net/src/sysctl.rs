@@ -57,15 +57,21 @@ impl SysctlWriter {
 
     /// Writes `value` to `/proc/sys/<key>` of the namespace the thread is in.
     pub(crate) fn write(&mut self, key: &str, value: &[u8]) -> io::Result<()> {
+        // A procfs that cannot be mounted (a seccomp or LSM policy) costs
+        // speed, not correctness: fall back to the shared /proc.
         if self.private {
-            self.renew()?;
+            if let Err(e) = self.renew() {
+                tracing::warn!("sysctls through the shared /proc from now on: {e}");
+                self.private = false;
+            }
         }
         self.writes += 1;
         std::fs::write(format!("/proc/sys/{key}"), value)
     }
 
     /// Mounts a fresh procfs over `/proc` (ours only) every RENEW_EVERY
-    /// writes, dropping the previous one and its dentries.
+    /// writes, dropping the previous one and its dentries. If unmounting
+    /// fails, the old instance stays and still works.
     fn renew(&mut self) -> io::Result<()> {
         if self.mounted && self.writes % RENEW_EVERY != 0 {
             return Ok(());

@@ -272,6 +272,7 @@ fn bound_and_plugged_interfaces_are_locked_too() {
     let free = EndpointFactory::new(FactoryConfig {
         home: node.netns().try_clone().unwrap(),
         bridge_index: None,
+        lock_ports: true,
         prefix: prefix.clone(),
         workers: 1,
     })
@@ -440,4 +441,36 @@ fn recycled_endpoints_keep_their_locks_and_destroyed_ones_leave_nothing() {
     assert!(!neighbours.contains("PERMANENT"), "{neighbours}");
     let fdb = router_tool(&node.netns, "bridge", &["fdb", "show"]);
     assert!(!fdb.contains("static"), "{fdb}");
+}
+
+#[test]
+fn a_long_batch_opens_ping_in_every_endpoint_and_mounts_nothing_outside() {
+    let mut t = scratch("10.216.0.0/24");
+    // procfs mounts only: other processes mount namespaces meanwhile.
+    let mounts = || {
+        let all = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        all.lines()
+            .filter(|l| l.contains(" - proc "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = mounts();
+    // Past the worker's procfs renewal (every 64 writes).
+    let specs = EndpointSpec::allocate(&mut t.node.block, 150);
+    let eps: Vec<Endpoint> = t
+        .node
+        .factory(1)
+        .unwrap()
+        .create_batch(&specs)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    for ep in &eps {
+        assert_eq!(ping_group_range(ep.netns()), "0\t2147483647\n");
+    }
+    assert_eq!(
+        mounts(),
+        before,
+        "the worker's procfs showed outside its thread"
+    );
 }

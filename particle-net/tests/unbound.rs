@@ -46,6 +46,7 @@ fn unbound_endpoints_bind_to_a_tenant_on_claim() {
     let free = EndpointFactory::new(FactoryConfig {
         home: node.netns().try_clone().unwrap(),
         bridge_index: None,
+        lock_ports: true,
         prefix: prefix.clone(),
         workers: 1,
     })

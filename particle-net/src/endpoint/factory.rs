@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use super::neighbours::forget_arp_entries;
 use super::unbound::UnboundEndpoint;
-use super::workers::{gone, worker_main, Built, Job};
+use super::workers::{gone, worker_main, Built, HostBridge, Job};
 use super::{Endpoint, EndpointError, EndpointSpec};
 use crate::names::{IfName, NameError, RunPrefix};
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request};
@@ -22,6 +22,11 @@ pub struct FactoryConfig {
     pub home: NetNs,
     /// Index of the bridge in `home`; `None` leaves host ends unattached.
     pub bridge_index: Option<u32>,
+    /// Whether host ends' bridge ports are locked to their endpoint's MAC
+    /// and address ([`crate::guard`]): yes for anything a tenant's code
+    /// runs behind; no for simulated hosts on an underlay, which route
+    /// other addresses' packets as real hosts do.
+    pub lock_ports: bool,
     pub prefix: RunPrefix,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
@@ -91,7 +96,10 @@ impl EndpointFactory {
         let mut workers = Vec::with_capacity(count);
         for i in 0..count {
             let home = config.home.try_clone()?;
-            let bridge = config.bridge_index;
+            let bridge = config.bridge_index.map(|index| HostBridge {
+                index,
+                lock: config.lock_ports,
+            });
             let prefix = config.prefix.clone();
             let (tx, rx) = mpsc::channel();
             let handle = std::thread::Builder::new()

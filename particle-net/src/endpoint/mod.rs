@@ -132,8 +132,8 @@ impl Endpoint {
         self.port.mac
     }
 
-    /// The host end's index in the namespace it was built in (or bound
-    /// to) and `eth0`'s MAC: what [`crate::guard`] locks the port to.
+    /// `eth0`'s MAC and, if its port is locked ([`crate::guard`]), the
+    /// host end's index in the router it was built in or bound to.
     pub fn port(&self) -> PortIdentity {
         self.port
     }

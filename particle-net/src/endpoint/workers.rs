@@ -20,6 +20,13 @@ use crate::sysctl::SysctlWriter;
 const PING_GROUP_RANGE: &str = "net/ipv4/ping_group_range";
 const PING_GROUPS_ALL: &[u8] = b"0 2147483647";
 
+/// The bridge host ends go on, and whether their ports are locked.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HostBridge {
+    pub(super) index: u32,
+    pub(super) lock: bool,
+}
+
 /// One endpoint's build, as a worker reports it.
 pub(super) type BuildOutcome = Result<Built, EndpointError>;
 
@@ -54,7 +61,7 @@ pub(super) fn gone<T>(n: usize, why: &str) -> Vec<Result<T, EndpointError>> {
 /// that arrives at its priority, until the factory hangs up.
 pub(super) fn worker_main(
     home: NetNs,
-    bridge: Option<u32>,
+    bridge: Option<HostBridge>,
     prefix: RunPrefix,
     jobs: Receiver<Job>,
 ) {
@@ -107,7 +114,7 @@ fn build(
     home: &NetNs,
     host: &mut NetlinkSocket,
     sysctl: &mut SysctlWriter,
-    bridge: Option<u32>,
+    bridge: Option<HostBridge>,
     prefix: &RunPrefix,
     items: Vec<(u64, Option<EndpointSpec>)>,
 ) -> (Vec<BuildOutcome>, bool) {
@@ -202,7 +209,7 @@ fn stage(
 /// all fail.
 fn create_veth_pairs(
     host: &mut NetlinkSocket,
-    bridge: Option<u32>,
+    bridge: Option<HostBridge>,
     staged: &[(usize, Staged)],
 ) -> Vec<Result<(), RequestError>> {
     let peer = IfName::new(ENDPOINT_IFNAME).expect("constant name is valid");
@@ -210,15 +217,15 @@ fn create_veth_pairs(
         .iter()
         .map(|(_, s)| {
             let mut requests = vec![veth_pair_request(s, bridge, &peer)];
-            if let (Some(_), Some(spec)) = (bridge, s.spec) {
+            if let (Some(HostBridge { lock: true, .. }), Some(spec)) = (bridge, s.spec) {
                 requests.extend(guard::lock_requests(&s.port, spec.address.ip()));
             }
             requests
         })
         .collect();
     let mut outcomes = execute_grouped(host, &per_endpoint, "create veth");
-    if let Some(bridge) = bridge {
-        add_router_neighbours(host, bridge, staged, &mut outcomes);
+    if let Some(HostBridge { index, lock: true }) = bridge {
+        add_router_neighbours(host, index, staged, &mut outcomes);
     }
     outcomes
 }
@@ -283,10 +290,11 @@ fn execute_grouped(
 /// The request creating a staged endpoint's pair: the host end in the home
 /// namespace (on `bridge`, if any, with the index its port rules name), the
 /// peer as `eth0` inside the endpoint with the MAC they name.
-fn veth_pair_request(s: &Staged, bridge: Option<u32>, peer: &IfName) -> Request {
-    // Only an endpoint with an address goes on a bridge, locked to it; a
-    // tenant-free one is attached (and locked) when bound.
-    let master = bridge.filter(|_| s.spec.is_some());
+fn veth_pair_request(s: &Staged, bridge: Option<HostBridge>, peer: &IfName) -> Request {
+    // Only an endpoint with an address goes on a bridge; a tenant-free one
+    // is attached (and locked) when bound.
+    let bridge = bridge.filter(|_| s.spec.is_some());
+    let master = bridge.map(|b| b.index);
     Request::create(
         match s.spec {
             Some(spec) => format!(
@@ -300,7 +308,10 @@ fn veth_pair_request(s: &Staged, bridge: Option<u32>, peer: &IfName) -> Request 
             // A tenant-free endpoint's host end waits in the node's
             // namespace, whose indexes are not ours to pick; it gets its
             // index when it moves to a router.
-            host_index: master.map_or(0, |_| s.port.host_index),
+            host_index: match bridge {
+                Some(HostBridge { lock: true, .. }) => s.port.host_index,
+                _ => 0,
+            },
             master,
             peer,
             peer_ns: std::os::fd::AsRawFd::as_raw_fd(&s.netns),
