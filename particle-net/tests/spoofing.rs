@@ -407,7 +407,7 @@ fn recycled_endpoints_keep_their_locks_and_destroyed_ones_leave_nothing() {
     let first = claimed.remove(0);
     let (id, host_name, mac) = (first.id(), first.host_ifname().to_string(), first.mac());
     drop(first);
-    common::eventually("the recycle", Duration::from_secs(10), || {
+    common::eventually("the recycle", Duration::from_secs(60), || {
         pool.stats().recycled == 1
     });
     let again = pool.claim().unwrap();
@@ -427,14 +427,14 @@ fn recycled_endpoints_keep_their_locks_and_destroyed_ones_leave_nothing() {
     // Destroyed: the router forgets it; the port and its rules went with it.
     let address = again.address().ip();
     again.discard();
-    common::eventually("the destroy", Duration::from_secs(10), || {
+    common::eventually("the destroy", Duration::from_secs(60), || {
         pool.stats().destroyed == 1
     });
     assert_eq!(router_neighbour(&t.node.netns, address), "");
     drop(claimed);
     drop(pool);
     let mut node = t.node;
-    common::eventually("teardown", Duration::from_secs(20), || {
+    common::eventually("teardown", Duration::from_secs(60), || {
         node.extra_links().unwrap().is_empty()
     });
     let neighbours = router_tool(&node.netns, "ip", &["-4", "neigh", "show"]);
