@@ -217,13 +217,7 @@ impl Prepared {
     /// In the function: its root from the image, then `pivot_root` into it.
     unsafe fn build_root(&self) -> io::Result<()> {
         let none = std::ptr::null::<libc::c_char>();
-        let mount = |src: *const libc::c_char,
-                     dst: &CString,
-                     fstype: *const libc::c_char,
-                     flags: libc::c_ulong,
-                     data: *const libc::c_char| {
-            check(libc::mount(src, dst.as_ptr(), fstype, flags, data.cast()).into())
-        };
+        let mount = mount_at;
         check(
             libc::mount(
                 none,
@@ -286,13 +280,7 @@ impl Prepared {
     /// devices bound in and the usual links, then read-only.
     unsafe fn build_dev(&self) -> io::Result<()> {
         let none = std::ptr::null::<libc::c_char>();
-        let mount = |src: *const libc::c_char,
-                     dst: &CString,
-                     fstype: *const libc::c_char,
-                     flags: libc::c_ulong,
-                     data: *const libc::c_char| {
-            check(libc::mount(src, dst.as_ptr(), fstype, flags, data.cast()).into())
-        };
+        let mount = mount_at;
         let (nosuid, noexec) = (libc::MS_NOSUID, libc::MS_NOEXEC);
         let tmpfs = c"tmpfs".as_ptr();
         let dev_options = c"size=64k,nr_inodes=64,mode=755".as_ptr();
@@ -427,4 +415,15 @@ fn drop_privileges(last_cap: u32) -> io::Result<()> {
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into())?;
     }
     Ok(())
+}
+
+/// `mount(2)` onto `dst`, as a result (no allocation: safe between fork and exec).
+unsafe fn mount_at(
+    src: *const libc::c_char,
+    dst: &CString,
+    fstype: *const libc::c_char,
+    flags: libc::c_ulong,
+    data: *const libc::c_char,
+) -> io::Result<i64> {
+    check(libc::mount(src, dst.as_ptr(), fstype, flags, data.cast()).into())
 }
