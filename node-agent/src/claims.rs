@@ -3,10 +3,10 @@
 //! `attach`, goes through [`take`]: warm endpoints of the tenant's own pool
 //! first (no netlink, microseconds); then, for a single claim, a tenant-free
 //! one bound to the tenant; for a burst, the rest built right now in one
-//! batch. Bursts do not bind: binds go one at a time (three netlink round
+//! batch. Bursts do not bind: binds go one at a time (four netlink round
 //! trips each, behind the tenant-free refiller), and a burst of 200 `true`
 //! on three default nodes took 3.9–4.6 s that way against 0.47–0.73 s built
-//! in one batch.
+//! in one batch (as measured when this was reported).
 //!
 //! [`Claims`] is the claim path's view of the node: a snapshot of every
 //! tenant's pool (replaced after each overlay change, so a claim never waits
