@@ -26,8 +26,9 @@ use particle_net::PoolConfig;
 use particle_wire::api::CreateTenant;
 use serde_json::json;
 
-/// Podman instances of one machine share runtime state (`system reset` in
-/// one test's teardown stops the other's containers): one test at a time.
+/// One Podman test at a time: each has its own root, runroot and tmpdir (so
+/// runs on one machine leave each other alone), but two at once on two
+/// cores only slow each other's containers past their timeouts.
 static ONE_PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn require_root_and_podman() {
@@ -122,6 +123,11 @@ runtime = "runc"
             .arg(self.dir.join("root"))
             .arg("--runroot")
             .arg(self.dir.join("runroot"))
+            // Libpod's state (default /run/libpod) too: with it shared, one
+            // run's `system reset` stopped another run's containers, whose
+            // CNI DEL then never came and whose netns stayed behind.
+            .arg("--tmpdir")
+            .arg(self.dir.join("tmp"))
             .args(["--storage-driver", "vfs"]);
         c
     }
