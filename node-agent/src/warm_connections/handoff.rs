@@ -130,6 +130,11 @@ impl Shared {
 
     /// Adds another agent as a destination (idempotent) and wakes the maintainer.
     pub(crate) fn add_peer(&self, peer: SocketAddr) {
+        // Every channel open names its peer: only a new one costs a rule
+        // (an iptables run), never the channels after it.
+        if lock(&self.pools).contains_key(&peer) {
+            return;
+        }
         if let Err(e) = self.pinning.allow(peer) {
             // Unpinned connections are never made: without the rule they fail.
             tracing::warn!("warm peer {peer}: {e}");
