@@ -219,7 +219,6 @@ pub fn run(flags: &AgentSettings) -> Result<()> {
     use particle_net::{PoolConfig, Run, RunPrefix};
     let args = config::resolve(flags)?;
     config::enter_netns(args.netns.as_deref())?;
-    particle_net::limits::raise_open_files()?;
     let token = config::read_token(args.token_file()?)?;
     let run = match &args.prefix {
         Some(p) => Run::with_prefix(RunPrefix::parse(p)?)?,

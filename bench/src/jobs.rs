@@ -11,21 +11,28 @@ use particle_workloads::ring::now_ns;
 
 use crate::pipeline::FunctionRun;
 
-/// A directory sandboxed functions may write (a job's `output_dir`): they
-/// run as their tenant's unprivileged uid on a read-only image, so what they
-/// produce is staged here, under the node's `/tmp`, and copied out after.
-/// Removed when dropped, however the run ends.
-pub struct Staging(PathBuf);
+/// A directory of a run under the node's `/tmp`, removed when dropped,
+/// however the run ends. [`Self::staging`] makes one sandboxed functions may
+/// write (a job's `output_dir`): they run as their tenant's unprivileged uid
+/// on a read-only image, so what they produce is staged there and copied out.
+pub struct ScratchDir(PathBuf);
 
-impl Staging {
-    pub fn new(tag: &str) -> Result<Self> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("particle-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        // Sticky and open to all: every tenant's uid may write, none another's files.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))
-            .with_context(|| format!("opening {} to functions", dir.display()))?;
+impl ScratchDir {
+    /// `/tmp/NAME`, made now.
+    pub fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
         Ok(Self(dir))
+    }
+
+    /// A staging directory for `tag`, open to every tenant's uid.
+    pub fn staging(tag: &str) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let staging = Self::new(&format!("particle-{tag}-{}", std::process::id()))?;
+        // Sticky and open to all: every tenant's uid may write, none another's files.
+        std::fs::set_permissions(&staging.0, std::fs::Permissions::from_mode(0o1777))
+            .with_context(|| format!("opening {} to functions", staging.0.display()))?;
+        Ok(staging)
     }
 
     pub fn dir(&self) -> &Path {
@@ -39,7 +46,7 @@ impl Staging {
     }
 }
 
-impl Drop for Staging {
+impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -48,7 +55,7 @@ impl Drop for Staging {
 /// Launches `functions` copies of `argv` on `tenant` through the launch API
 /// and waits for the job to end; fails unless every function exited 0.
 /// Returns when it was submitted (wall ns), the job, and every function's run.
-/// Functions may write `output_dir` (see [`Staging`]).
+/// Functions may write `output_dir` (see [`ScratchDir::staging`]).
 pub async fn launch_job(
     api: &ApiClient,
     tenant: &str,

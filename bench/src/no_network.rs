@@ -41,11 +41,14 @@ pub fn run(
     let scratch = ScratchNode::new(run.prefix(), AddressBlock::parse(block)?)
         .context("creating the scratch namespace")?;
     // Made before the clock starts, as an agent makes it at its start.
-    let dir = std::env::temp_dir().join(run.prefix().label("floor"));
-    std::fs::create_dir_all(&dir).context("the floor's sandbox directory")?;
-    let _dir = RemoveDir(dir.clone());
-    let sandbox = Sandbox::start(SandboxConfig::default(), &dir, &run.prefix().label("floor"))
-        .context("assembling the floor's sandbox")?;
+    let dir = crate::jobs::ScratchDir::new(&run.prefix().label("floor"))
+        .context("the floor's sandbox directory")?;
+    let sandbox = Sandbox::start(
+        SandboxConfig::default(),
+        dir.dir(),
+        &run.prefix().label("floor"),
+    )
+    .context("assembling the floor's sandbox")?;
     let limits = sandbox.limits(&Default::default())?;
     let root = sandbox.default_root().to_owned();
     let (sandbox, root) = (&sandbox, &root);
@@ -127,13 +130,4 @@ pub fn run(
     })?;
     outputs.sort_by_key(|o| o.rank);
     Ok((submitted, outputs))
-}
-
-/// Removes the floor's sandbox directory when the run ends, however it ends.
-struct RemoveDir(std::path::PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -18,7 +18,7 @@ use particle_wire::api::Job;
 use particle_workloads::local::local_envs;
 use serde::Serialize;
 
-use crate::jobs::{launch_job, Staging};
+use crate::jobs::{launch_job, ScratchDir};
 use crate::pipeline_baseline::Baseline;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -176,7 +176,7 @@ pub fn on_particle(
 ) -> Result<ParticleRun> {
     let per_node = spec.functions.div_ceil(cluster.nodes);
     // Sandboxed functions write only where the job lets them: staged, then copied out.
-    let staging = Staging::new("pipeline")?;
+    let staging = ScratchDir::staging("pipeline")?;
     let staged = PipelineSpec {
         output: staging.stage(&spec.output)?,
         ..spec.clone()
@@ -254,7 +254,7 @@ fn run_baseline(
 fn run_no_network(spec: &PipelineSpec, nodes: usize, program: &Path) -> Result<SystemResult> {
     let envs = local_envs("no-network", spec.functions, 20_000, nodes);
     // The floor's functions are sandboxed like Particle's: staged output.
-    let staging = Staging::new("pipeline-floor")?;
+    let staging = ScratchDir::staging("pipeline-floor")?;
     let staged = PipelineSpec {
         output: staging.stage(&spec.output)?,
         ..spec.clone()
