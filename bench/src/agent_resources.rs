@@ -293,17 +293,12 @@ struct StatLine {
     zombie: bool,
 }
 
-/// Parses `PID (COMM) STATE PPID ...`. COMM may hold spaces and parentheses,
-/// so the fields after it are found from the last `)`.
+/// Parses `PID (COMM) STATE PPID ...` (`particle_net::proc_stat`).
 fn parse_stat(text: &str) -> Option<StatLine> {
-    let pid = text.split_once(' ')?.0.parse().ok()?;
-    let mut rest = text.get(text.rfind(')')? + 1..)?.split_whitespace();
-    let state = rest.next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    Some(StatLine {
-        pid,
-        ppid,
-        zombie: state == "Z",
+    particle_net::proc_stat::ProcStat::parse(text).map(|s| StatLine {
+        pid: s.pid,
+        ppid: s.ppid,
+        zombie: s.is_zombie(),
     })
 }
 

@@ -440,10 +440,8 @@ fn cluster_process(dir: &Path) -> Option<nix::unistd::Pid> {
 
 /// A process's start time in clock ticks since boot, as `/proc` gives it.
 fn process_start(pid: i32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The name (field 2) may hold spaces and parentheses: count from its end.
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    after_name.split(' ').nth(19).map(str::to_string)
+    let start = particle_net::proc_stat::ProcStat::of(pid)?.start_ticks?;
+    Some(start.to_string())
 }
 
 /// A cluster's directory (token, logs, sockets), removed when the cluster

@@ -23,6 +23,7 @@ pub mod netlink;
 pub mod netns;
 pub mod overlay;
 pub mod pool;
+pub mod proc_stat;
 pub mod scratch;
 mod sysctl;
 pub mod warm;

@@ -298,15 +298,7 @@ pub(crate) fn stop_stale(pid: i32, comm: &str) -> Option<String> {
 
 /// Whether process `pid` exists, runs `name` and is not a zombie.
 fn is_process(pid: i32, name: &str) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return false;
-    };
-    let state = stat[close + 1..].split_whitespace().next();
-    &stat[open + 1..close] == name && state != Some("Z")
+    particle_net::proc_stat::ProcStat::of(pid).is_some_and(|s| s.comm == name && !s.is_zombie())
 }
 
 /// `GET /_ping` over the API socket.
