@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
-use particle_node_agent::launcher::{self, FunctionSpec, Runtime};
+use particle_node_agent::launcher::{self, FunctionSpec, PeersFile, Runtime};
 use particle_node_agent::sandbox::{FunctionBox, Sandbox, SandboxConfig};
-use particle_wire::function_env::FunctionEnv;
+use particle_wire::function_env::{FunctionEnv, JobPeers};
 use particle_workloads::local::FunctionOutput;
 use particle_workloads::ring::now_ns;
 
@@ -49,6 +49,11 @@ pub fn run(
         &run.prefix().label("floor"),
     )
     .context("assembling the floor's sandbox")?;
+    // The floor hands peers over as the agents do (a file for large jobs).
+    let peers = JobPeers::new(envs.first().map(|e| &e.peers[..]).unwrap_or_default());
+    let peers_file = PeersFile::write(&dir.dir().join("peers"), "floor", &peers)
+        .context("writing the floor's peer file")?;
+    let (peers, peers_file) = (&peers, peers_file.as_ref().map(PeersFile::path));
     let limits = sandbox.limits(&Default::default())?;
     let root = sandbox.default_root().to_owned();
     let (sandbox, root) = (&sandbox, &root);
@@ -70,7 +75,7 @@ pub fn run(
                     let _inside = handle.enter();
                     let mut children = Vec::new();
                     for env in envs.iter().filter(|e| e.rank % nodes == node) {
-                        let vars = env.vars();
+                        let vars = env.vars_with(peers);
                         let name = format!("floor-{}", env.rank);
                         let boxed = sandbox
                             .prepare(&name, "floor", root.clone(), limits)?
@@ -83,6 +88,7 @@ pub fn run(
                             // Only OCI functions have a bundle.
                             bundle_dir: Path::new("/nonexistent"),
                             isolation: boxed.isolation(),
+                            peers_file,
                         };
                         let child = launcher::spawn(&spec, &Runtime::Builtin)
                             .with_context(|| format!("starting function {}", env.rank))?;

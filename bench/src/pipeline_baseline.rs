@@ -228,7 +228,7 @@ impl Baseline {
         };
         anyhow::ensure!(fits, "{size} functions do not fit the address plan");
         anyhow::ensure!(!argv.is_empty(), "empty command");
-        let peers: Vec<String> = (0..size)
+        let peers: std::sync::Arc<[String]> = (0..size)
             .map(|r| format!("{}:{FUNCTION_PORT}", self.address(r)))
             .collect();
         let names: Vec<String> = (0..size)

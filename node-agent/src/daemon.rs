@@ -115,6 +115,9 @@ pub async fn run_with_warm(
             node: config.node_name.clone(),
             oci_runtime: config.oci_runtime.clone(),
             bundle_dir,
+            peers_dir: config
+                .socket_path
+                .with_file_name(format!("{}-peers", config.node_name)),
             instance,
             sandbox: Arc::new(sandbox),
         },

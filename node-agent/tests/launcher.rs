@@ -9,9 +9,10 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use particle_net::{NetNs, Run};
-use particle_node_agent::launcher::{self, FunctionSpec, LaunchError, Runtime};
+use particle_node_agent::launcher::{self, FunctionSpec, LaunchError, PeersFile, Runtime};
 use particle_node_agent::sandbox::{FunctionBox, Sandbox, SandboxConfig};
 use particle_wire::api::FunctionLimits;
+use particle_wire::function_env::{FunctionEnv, JobPeers};
 
 const PROBE: &str = "echo pid=$$; hostname; for l in net uts; do readlink /proc/1/ns/$l; done; \
     echo uid=$(id -u) map=$(cat /proc/self/uid_map); echo $PARTICLE_RANK";
@@ -58,9 +59,24 @@ async fn launch(
     argv: &[&str],
     limits: FunctionLimits,
 ) -> Launched {
+    let env = [("PARTICLE_RANK".to_string(), "7".to_string())];
+    launch_with(sandbox, runtime, netns, name, argv, limits, (&env, None)).await
+}
+
+/// The job's side of a launch: its environment and peer file.
+type JobSide<'a> = (&'a [(String, String)], Option<&'a std::path::Path>);
+
+async fn launch_with(
+    sandbox: &Sandbox,
+    runtime: &Runtime,
+    netns: &NetNs,
+    name: &str,
+    argv: &[&str],
+    limits: FunctionLimits,
+    (env, peers_file): JobSide<'_>,
+) -> Launched {
     let dir = std::env::temp_dir().join(format!("particle-launcher-{}-{name}", std::process::id()));
     let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
-    let env = [("PARTICLE_RANK".to_string(), "7".to_string())];
     let boxed: FunctionBox = sandbox
         .prepare(
             name,
@@ -71,11 +87,12 @@ async fn launch(
         .unwrap();
     let spec = FunctionSpec {
         argv: &argv,
-        env: &env,
+        env,
         netns: Some(netns.as_fd()),
         name,
         bundle_dir: &dir,
         isolation: boxed.isolation(),
+        peers_file,
     };
     let child = launcher::spawn(&spec, runtime).unwrap();
     let out = child.wait_with_output().await.unwrap();
@@ -329,6 +346,7 @@ async fn exit_codes_and_bad_commands_come_back() {
         name: &name,
         bundle_dir: &sandbox.dir,
         isolation: boxed.isolation(),
+        peers_file: None,
     };
     let mut child = launcher::spawn(&spec, &Runtime::Builtin).unwrap();
     let supervisor = child.id().unwrap();
@@ -411,4 +429,98 @@ async fn oci_runtime_runs_the_function_in_its_endpoint() {
         &sandbox,
     );
     assert!(l.out.contains("NoNewPrivs:\t1"), "{}", l.out);
+}
+
+/// A 10,000-function job's peers (200 KB) do not fit one environment string
+/// (the kernel's limit is 128 KiB: exec fails with E2BIG): the function
+/// finds them in a read-only file instead, under both runtimes, and the
+/// contract reads it back.
+#[tokio::test]
+async fn a_large_jobs_peers_reach_the_function_in_a_read_only_file() {
+    let (run, _fabric) = common::fabric("10.212.4.0/24");
+    let sandbox = sandbox(&run, SandboxConfig::default());
+    let netns = NetNs::create().unwrap();
+    let peers: Vec<String> = (0..10_000)
+        .map(|r| format!("10.64.{}.{}:7000", r / 250, r % 250))
+        .collect();
+    let job_peers = JobPeers::new(&peers);
+    let file = PeersFile::write(&sandbox.dir.join("peers"), "job-big", &job_peers)
+        .unwrap()
+        .expect("10,000 peers go in a file");
+    let env = FunctionEnv {
+        job: "big".into(),
+        rank: 9_999,
+        size: 10_000,
+        node: "n0".into(),
+        address: None,
+        peers: peers.clone().into(),
+    };
+    let vars = env.vars_with(&job_peers);
+    assert!(vars.iter().all(|(k, _)| k != "PARTICLE_PEERS"));
+    let size = job_peers.file().unwrap().len();
+    let script = "echo file=$PARTICLE_PEERS_FILE; wc -l < $PARTICLE_PEERS_FILE; \
+         tail -n 1 $PARTICLE_PEERS_FILE; echo x >> $PARTICLE_PEERS_FILE && echo WROTE; \
+         rm -f $PARTICLE_PEERS_FILE && echo REMOVED; wc -c < $PARTICLE_PEERS_FILE";
+    let runc = PathBuf::from("/usr/sbin/runc");
+    for runtime in [Runtime::Builtin, Runtime::Oci { binary: runc }] {
+        let name = run.prefix().label(match runtime {
+            Runtime::Builtin => "peers",
+            Runtime::Oci { .. } => "peers-oci",
+        });
+        let l = launch_with(
+            &sandbox,
+            &runtime,
+            &netns,
+            &name,
+            &["/bin/sh", "-c", script],
+            FunctionLimits::default(),
+            (&vars, Some(file.path())),
+        )
+        .await;
+        let mut lines = l.out.lines();
+        assert_eq!(
+            lines.next(),
+            Some("file=/tmp/particle-peers"),
+            "{runtime:?}: {} {}",
+            l.out,
+            l.err
+        );
+        assert_eq!(
+            lines.next().map(str::trim),
+            Some("10000"),
+            "{runtime:?}: {}",
+            l.out
+        );
+        assert_eq!(
+            lines.next(),
+            Some(peers[9_999].as_str()),
+            "{runtime:?}: {}",
+            l.out
+        );
+        assert!(
+            !l.out.contains("WROTE") && !l.out.contains("REMOVED"),
+            "{runtime:?}: the function changed its peer file: {}",
+            l.out
+        );
+        assert_eq!(
+            lines.last().map(str::trim),
+            Some(&*size.to_string()),
+            "{runtime:?}: {}",
+            l.out
+        );
+    }
+    // The node's copy is untouched, and what the contract reads is the list.
+    let text = std::fs::read_to_string(file.path()).unwrap();
+    assert_eq!(text.lines().count(), 10_000);
+    let read = FunctionEnv::from_lookup(|k| match k {
+        "PARTICLE_RANK" => Some("9999".into()),
+        "PARTICLE_SIZE" => Some("10000".into()),
+        "PARTICLE_PEERS_FILE" => Some(file.path().display().to_string()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(&*read.peers, &peers[..]);
+    let path = file.path().to_owned();
+    drop(file);
+    assert!(!path.exists(), "the peer file goes with its guard");
 }

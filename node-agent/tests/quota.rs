@@ -48,6 +48,7 @@ fn a_tenant_over_its_quota_is_refused_before_any_claim() {
         node: "n0".into(),
         oci_runtime: None,
         bundle_dir: dir.0.join("bundles"),
+        peers_dir: dir.0.join("peers"),
         instance: "i".into(),
         sandbox: Arc::new(sandbox),
     };

@@ -300,20 +300,14 @@ fn spec_of(endpoint: &Endpoint) -> EndpointSpec {
     }
 }
 
-/// Up, address, default route: one datagram.
-fn configure_requests(spec: &EndpointSpec, index: u32) -> [Request; 3] {
-    let addr = spec.address;
-    [
-        Request::change("set the interface up", messages::set_up(index)),
-        Request::create(
-            format!("add {addr}"),
-            messages::add_ipv4_address(index, addr.ip(), addr.prefix()),
-        ),
-        Request::create(
-            format!("add default route via {}", spec.gateway),
-            messages::default_route(spec.gateway, index),
-        ),
-    ]
+/// Up, address, default route, gateway ARP entry: one datagram.
+fn configure_requests(spec: &EndpointSpec, index: u32) -> Vec<Request> {
+    let mut requests = vec![Request::change(
+        "set the interface up",
+        messages::set_up(index),
+    )];
+    requests.extend(spec.requests_on(index));
+    requests
 }
 
 /// Host ends of plugged pairs: `<prefix>k<n>`, unique in the process.

@@ -1,5 +1,7 @@
 //! The bridge a node's endpoints (of one tenant) hang off.
 
+use std::net::Ipv4Addr;
+
 use ipnetwork::Ipv4Network;
 use netlink_packet_route::RouteNetlinkMessage;
 
@@ -14,7 +16,8 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Creates the bridge, up, with the gateway address on it. On failure
+    /// Creates the bridge, up, with the gateway address on it (and the MAC
+    /// that address implies, [`gateway_mac`]; else a random one). On failure
     /// nothing is left: a bridge whose address could not be set is deleted.
     pub fn create(
         socket: &mut NetlinkSocket,
@@ -23,7 +26,13 @@ impl Bridge {
     ) -> Result<Self, NetlinkError> {
         socket.execute_all(&[Request::create(
             format!("create bridge {name}"),
-            messages::bridge(name, random_mac()?),
+            messages::bridge(
+                name,
+                match gateway {
+                    Some(gw) => gateway_mac(gw.ip()),
+                    None => random_mac()?,
+                },
+            ),
         )])?;
         let built = Self::lookup(socket, name).and_then(|bridge| {
             if let Some(gw) = gateway {
@@ -58,6 +67,16 @@ impl Bridge {
     pub fn delete(self, socket: &mut NetlinkSocket) -> Result<(), NetlinkError> {
         delete_link(socket, self.name.as_str())
     }
+}
+
+/// The MAC of the bridge whose address is `gateway`: locally administered,
+/// derived from the address, so an endpoint's permanent ARP entry for its
+/// gateway needs nothing but the endpoint's spec. Unique per router: a
+/// tenant's blocks on different nodes have different gateways, and other
+/// tenants' routers are other broadcast domains.
+pub fn gateway_mac(gateway: Ipv4Addr) -> [u8; 6] {
+    let o = gateway.octets();
+    [0x02, 0x60, o[0], o[1], o[2], o[3]]
 }
 
 /// A random, locally administered, unicast MAC.

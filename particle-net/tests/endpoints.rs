@@ -119,3 +119,95 @@ fn endpoints_are_built_attached_and_reach_each_other() {
     // it stay right while other endpoints come and go.
     assert_eq!(bridge_mac(&t.node), mac_before);
 }
+
+/// Every IPv4 neighbour entry of a namespace but the kernel's computed ones.
+fn neighbour_entries(netns: &particle_net::NetNs) -> Vec<particle_net::endpoint::ArpEntry> {
+    let mut socket = particle_net::NetlinkSocket::open_in(netns).unwrap();
+    particle_net::endpoint::list_arp_entries(&mut socket)
+        .unwrap()
+        .into_iter()
+        .filter(|e| !e.computed())
+        .collect()
+}
+
+/// The kernel's neighbour table is one for all namespaces (`gc_thresh3`):
+/// a burst must not fill it. An endpoint is built with a permanent entry
+/// for its gateway (the bridge, whose MAC follows from its address) and the
+/// router with one for the endpoint, so traffic through the gateway learns
+/// nothing on either side.
+#[test]
+fn endpoints_and_their_router_never_learn_each_other_by_arp() {
+    let mut t = scratch("10.200.2.0/24");
+    let factory = t.node.factory(1).unwrap();
+    let specs = EndpointSpec::allocate(&mut t.node.block, 3);
+    let endpoints: Vec<_> = factory
+        .create_batch(&specs)
+        .into_iter()
+        .map(|r| r.expect("endpoint"))
+        .collect();
+    let gateway = specs[0].gateway;
+    let gateway_mac = particle_net::bridge::gateway_mac(gateway);
+    let mac_text = gateway_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    assert_eq!(
+        bridge_mac(&t.node),
+        mac_text,
+        "the bridge has its gateway's MAC"
+    );
+
+    // The node (the router here) listens on the gateway address.
+    let listener = t
+        .node
+        .netns
+        .run_in(|| TcpListener::bind((gateway, 0)))
+        .unwrap()
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b).unwrap();
+        }
+    });
+    for ep in &endpoints {
+        let mut c = ep
+            .netns()
+            .run_in(|| TcpStream::connect((gateway, port)))
+            .unwrap()
+            .unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ping");
+    }
+    server.join().unwrap();
+
+    for ep in &endpoints {
+        let inside = neighbour_entries(ep.netns());
+        assert_eq!(inside.len(), 1, "only the gateway's entry: {inside:?}");
+        assert_eq!(inside[0].ip, gateway);
+        assert!(
+            !inside[0].learnt(),
+            "the gateway's entry is permanent: {inside:?}"
+        );
+        // A pooled endpoint's sweep keeps it.
+        ep.forget_neighbours().unwrap();
+        assert_eq!(neighbour_entries(ep.netns()), inside);
+    }
+    let router = neighbour_entries(&t.node.netns);
+    assert!(
+        router.iter().all(|e| !e.learnt()),
+        "the router learnt: {router:?}"
+    );
+    for ep in &endpoints {
+        assert!(
+            router.iter().any(|e| e.ip == ep.address().ip()),
+            "{router:?}"
+        );
+    }
+}

@@ -213,10 +213,10 @@ fn a_resting_pool_sweeps_the_arp_state_nobody_uses() {
     drop(pooled);
     eventually("recycled", WAIT, || pool.stats().recycled == 1);
     // What in-flight packets leave after a release: the recycled endpoint
-    // learns its gateway again (planted first: the sweep after its recycling
-    // must find it), the bridge the addresses of a pooled endpoint and of
-    // one long gone; the claimed endpoint's entry is in use.
-    plant_arp_entry(&pooled_ns, "10.205.0.1", "eth0", "stale");
+    // learns a peer (planted first: the sweep after its recycling must find
+    // it), the bridge the addresses of a pooled endpoint and of one long
+    // gone; the claimed endpoint's entry is in use.
+    plant_arp_entry(&pooled_ns, "10.205.0.77", "eth0", "stale");
     let bridge = t.node.bridge.name.to_string();
     let claimed_ip = claimed.address().ip().to_string();
     plant_arp_entry(&t.node.netns, &pooled_ip, &bridge, "stale");
@@ -228,8 +228,15 @@ fn a_resting_pool_sweeps_the_arp_state_nobody_uses() {
         let home = arp_entries(&t.node.netns);
         !home.contains(&format!("{pooled_ip} "))
             && !home.contains("10.205.0.200 ")
-            && arp_entries(&pooled_ns).is_empty()
+            && !arp_entries(&pooled_ns).contains("10.205.0.77 ")
     });
+    // Its permanent entry for the gateway is all it keeps.
+    let kept = arp_entries(&pooled_ns);
+    assert_eq!(kept.lines().count(), 1, "{kept}");
+    assert!(
+        kept.starts_with("10.205.0.1 ") && kept.contains("PERMANENT"),
+        "{kept}"
+    );
     let home = arp_entries(&t.node.netns);
     assert!(home.contains(&format!("{claimed_ip} ")), "in use: {home}");
     assert!(home.contains("10.205.0.201 "), "ours (permanent): {home}");

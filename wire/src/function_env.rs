@@ -8,6 +8,14 @@
 //! | `PARTICLE_NODE` | the node it runs on |
 //! | `PARTICLE_ADDRESS` | its own overlay address (absent without a network) |
 //! | `PARTICLE_PEERS` | every function's `host:port`, comma-separated, by rank |
+//! | `PARTICLE_PEERS_FILE` | instead of `PARTICLE_PEERS` for large jobs: a read-only file, one `host:port` a line, by rank |
+//!
+//! A job's peer list grows with the job (10,000 functions: about 200 KB),
+//! and the kernel refuses to exec with one environment string over 128 KiB
+//! (E2BIG); so past [`MAX_PEERS_VAR`] bytes launchers hand the list over as a
+//! file the function's root shows at [`PEERS_FILE_PATH`] (one file per job
+//! and node, bind-mounted read-only), and name it in `PARTICLE_PEERS_FILE`.
+//! [`FunctionEnv::from_env`] reads either.
 //!
 //! A function listens on the port of its own `PARTICLE_PEERS` entry (on all
 //! addresses) and reaches rank `r` at entry `r`. Entries are usually overlay
@@ -16,6 +24,7 @@
 //! Docker they are container names.
 
 use std::fmt;
+use std::sync::Arc;
 
 pub const JOB: &str = "PARTICLE_JOB";
 pub const RANK: &str = "PARTICLE_RANK";
@@ -23,6 +32,14 @@ pub const SIZE: &str = "PARTICLE_SIZE";
 pub const NODE: &str = "PARTICLE_NODE";
 pub const ADDRESS: &str = "PARTICLE_ADDRESS";
 pub const PEERS: &str = "PARTICLE_PEERS";
+pub const PEERS_FILE: &str = "PARTICLE_PEERS_FILE";
+
+/// Where a function finds its job's peer file, when it has one.
+pub const PEERS_FILE_PATH: &str = "/tmp/particle-peers";
+/// The longest `PARTICLE_PEERS` a launcher sets; longer lists go in a file
+/// (half the kernel's 128 KiB limit on one string, for the job's own
+/// variables beside it).
+pub const MAX_PEERS_VAR: usize = 64 << 10;
 
 /// The port functions listen on when every function has its own address.
 pub const FUNCTION_PORT: u16 = 7000;
@@ -34,8 +51,46 @@ pub struct FunctionEnv {
     pub size: usize,
     pub node: String,
     pub address: Option<String>,
-    /// `host:port` of every function, by rank.
-    pub peers: Vec<String>,
+    /// `host:port` of every function, by rank; shared by every function of
+    /// the job (10,000 functions must not make 10,000 copies of 10,000).
+    pub peers: Arc<[String]>,
+}
+
+/// A job's peer list as its launcher hands it over: built once per job (on
+/// each node), not once per function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobPeers {
+    /// Comma-separated (the variable) or one a line (the file).
+    text: Arc<str>,
+    in_file: bool,
+}
+
+impl JobPeers {
+    pub fn new(peers: &[String]) -> Self {
+        let length: usize = peers.iter().map(|p| p.len() + 1).sum();
+        let in_file = length > MAX_PEERS_VAR;
+        let text = match in_file {
+            true => peers.iter().flat_map(|p| [p.as_str(), "\n"]).collect(),
+            false => peers.join(","),
+        };
+        Self {
+            text: text.into(),
+            in_file,
+        }
+    }
+
+    /// The file's contents, if the list is too long for the variable.
+    pub fn file(&self) -> Option<&str> {
+        self.in_file.then_some(&*self.text)
+    }
+
+    /// The variable the function gets: the list, or where its file is.
+    fn var(&self) -> (String, String) {
+        match self.in_file {
+            true => (PEERS_FILE.to_string(), PEERS_FILE_PATH.to_string()),
+            false => (PEERS.to_string(), self.text.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +120,15 @@ impl FunctionEnv {
         };
         let rank = number(RANK)?;
         let size = number(SIZE)?;
-        let peers: Vec<String> = need(PEERS)?.split(',').map(str::to_string).collect();
+        let peers: Vec<String> = match (get(PEERS), get(PEERS_FILE)) {
+            (Some(list), _) => list.split(',').map(str::to_string).collect(),
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|e| EnvError(format!("{PEERS_FILE} {path}: {e}")))?
+                .lines()
+                .map(str::to_string)
+                .collect(),
+            (None, None) => return Err(EnvError(format!("{PEERS} is not set"))),
+        };
         if size == 0 || rank >= size {
             return Err(EnvError(format!("rank {rank} is outside a job of {size}")));
         }
@@ -81,7 +144,7 @@ impl FunctionEnv {
             size,
             node: get(NODE).unwrap_or_default(),
             address: get(ADDRESS),
-            peers,
+            peers: peers.into(),
         })
     }
 
@@ -98,14 +161,21 @@ impl FunctionEnv {
         (self.rank + offset) % self.size
     }
 
-    /// The environment a launcher gives function `rank` of a job.
+    /// The environment a launcher gives function `rank` of a job (a job
+    /// small enough for its peers to fit the variable).
     pub fn vars(&self) -> Vec<(String, String)> {
+        self.vars_with(&JobPeers::new(&self.peers))
+    }
+
+    /// The environment, with the peers as `peers` (the job's, built once)
+    /// hands them over.
+    pub fn vars_with(&self, peers: &JobPeers) -> Vec<(String, String)> {
         let mut vars = vec![
             (JOB.to_string(), self.job.clone()),
             (RANK.to_string(), self.rank.to_string()),
             (SIZE.to_string(), self.size.to_string()),
             (NODE.to_string(), self.node.clone()),
-            (PEERS.to_string(), self.peers.join(",")),
+            peers.var(),
         ];
         if let Some(a) = &self.address {
             vars.push((ADDRESS.to_string(), a.clone()));
@@ -135,7 +205,7 @@ mod tests {
             size: 2,
             node: "n0".into(),
             address: Some("10.1.0.3".into()),
-            peers: vec!["10.1.0.2:7000".into(), "10.1.0.3:7000".into()],
+            peers: vec!["10.1.0.2:7000".into(), "10.1.0.3:7000".into()].into(),
         };
         let vars = env.vars();
         let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (&**k, &**v)).collect();
@@ -151,5 +221,46 @@ mod tests {
         ] {
             assert!(FunctionEnv::from_lookup(lookup(&bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn long_peer_lists_go_in_a_file_the_function_reads() {
+        let peers: Vec<String> = (0..10_000)
+            .map(|r| format!("10.64.{}.{}:7000", r / 250, r % 250))
+            .collect();
+        let short = JobPeers::new(&peers[..100]);
+        assert_eq!(short.file(), None);
+        assert_eq!(short.var(), (PEERS.to_string(), peers[..100].join(",")));
+
+        let long = JobPeers::new(&peers);
+        let text = long.file().expect("10,000 peers do not fit the variable");
+        assert_eq!(
+            long.var(),
+            (PEERS_FILE.to_string(), PEERS_FILE_PATH.to_string())
+        );
+        let dir = std::env::temp_dir().join(format!("particle-peers-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("peers");
+        std::fs::write(&file, text).unwrap();
+        let path = file.display().to_string();
+        let got = FunctionEnv::from_lookup(lookup(&[
+            (RANK, "9999"),
+            (SIZE, "10000"),
+            (PEERS_FILE, &path),
+        ]));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let got = got.unwrap();
+        assert_eq!(&*got.peers, &peers[..]);
+        assert_eq!(got.listen_port(), Ok(7000));
+
+        let missing = FunctionEnv::from_lookup(lookup(&[
+            (RANK, "0"),
+            (SIZE, "1"),
+            (PEERS_FILE, "/nonexistent/peers"),
+        ]));
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/peers"));
     }
 }

@@ -55,7 +55,7 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
 /// `127.0.0.1:(base_port + r)` and is said to run on node `n{r % nodes}`
 /// (as a round-robin launcher would place it).
 pub fn local_envs(job: &str, size: usize, base_port: u16, nodes: usize) -> Vec<FunctionEnv> {
-    let peers: Vec<String> = (0..size)
+    let peers: std::sync::Arc<[String]> = (0..size)
         .map(|r| format!("127.0.0.1:{}", base_port as usize + r))
         .collect();
     (0..size)

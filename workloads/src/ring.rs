@@ -124,7 +124,7 @@ mod tests {
     fn a_ring_on_loopback_exchanges_and_reports() {
         let size = 3;
         let base = 17790u16; // the ring unit test's ports
-        let peers: Vec<String> = (0..size)
+        let peers: std::sync::Arc<[String]> = (0..size)
             .map(|r| format!("127.0.0.1:{}", base + r as u16))
             .collect();
         let handles: Vec<_> = (0..size)

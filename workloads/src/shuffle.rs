@@ -175,7 +175,7 @@ mod tests {
     fn a_shuffle_in_threads_exchanges_every_pair() {
         let size = 4;
         let base = 18380u16; // this unit test's ports
-        let peers: Vec<String> = (0..size)
+        let peers: std::sync::Arc<[String]> = (0..size)
             .map(|r| format!("127.0.0.1:{}", base + r as u16))
             .collect();
         let handles: Vec<_> = (0..size)

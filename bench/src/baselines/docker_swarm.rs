@@ -370,7 +370,7 @@ impl Swarm {
             .prefix
             .label(&format!("j{}", self.jobs.fetch_add(1, Ordering::SeqCst)));
         let names: Vec<String> = (0..functions).map(|r| format!("{job}-f{r}")).collect();
-        let peers: Vec<String> = names
+        let peers: std::sync::Arc<[String]> = names
             .iter()
             .map(|n| format!("{n}:{FUNCTION_PORT}"))
             .collect();

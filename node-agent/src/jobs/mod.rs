@@ -22,12 +22,12 @@ use particle_wire::api::{
     FunctionExit, ReserveFunctions, Reserved, ReservedEndpoint, RuntimeKind, StartFailure,
     StartFunctions, Started,
 };
-use particle_wire::function_env::FunctionEnv;
+use particle_wire::function_env::{FunctionEnv, JobPeers};
 use particle_wire::HttpError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::claims::{Claims, Origin};
-use crate::launcher::{self, FunctionSpec, Runtime};
+use crate::launcher::{self, FunctionSpec, PeersFile, Runtime};
 use crate::sandbox::{Limits, Sandbox};
 use watch::FunctionWatch;
 
@@ -49,6 +49,8 @@ pub struct LaunchSettings {
     pub oci_runtime: Option<PathBuf>,
     /// Where OCI bundles are written.
     pub bundle_dir: PathBuf,
+    /// Where large jobs' peer files are written (searchable by functions).
+    pub peers_dir: PathBuf,
     /// This agent run's identity ([`particle_wire::api::RegisterNode::instance`]).
     pub instance: String,
     /// Images, limits, id ranges and quotas of its functions.
@@ -69,6 +71,15 @@ struct Slot {
     kill: Option<oneshot::Sender<()>>,
 }
 
+/// What every function of one start call shares.
+struct Launch<'a> {
+    job: &'a str,
+    req: &'a StartFunctions,
+    runtime: &'a Runtime,
+    peers: &'a JobPeers,
+    peers_file: Option<Arc<PeersFile>>,
+}
+
 struct NodeJob {
     tenant: String,
     /// Its functions' root and limits, settled at reserve.
@@ -78,6 +89,8 @@ struct NodeJob {
     functions: BTreeMap<usize, Slot>,
     started: bool,
     running: usize,
+    /// The job's peer list, when too long for the environment.
+    peers_file: Option<Arc<PeersFile>>,
 }
 
 #[derive(Default)]
@@ -226,6 +239,7 @@ impl NodeJobs {
                 functions,
                 started: false,
                 running: 0,
+                peers_file: None,
             },
         );
         Ok(Reserved {
@@ -238,6 +252,15 @@ impl NodeJobs {
     /// runtime (the children are reaped by it).
     pub fn start(self: &Arc<Self>, job: &str, req: StartFunctions) -> Result<Started, HttpError> {
         let runtime = self.runtime(req.runtime)?;
+        // Once per job, not per function: 10,000 peers are 200 KB.
+        let peers = JobPeers::new(&req.peers);
+        let peers_file = PeersFile::write(&self.settings.peers_dir, &format!("job-{job}"), &peers)
+            .map_err(|e| {
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("writing job {job}'s peer file: {e}"),
+                )
+            })?;
         let mut table = lock(&self.table);
         let node_job = table.jobs.get_mut(job).ok_or_else(|| {
             error(
@@ -252,72 +275,23 @@ impl NodeJobs {
             ));
         }
         node_job.started = true;
+        // runc mounts it after `spawn` returns: kept until the job retires.
+        node_job.peers_file = peers_file.map(Arc::new);
         let clock = std::time::Instant::now();
-        let mut extra: Vec<(String, String)> = req.command.env.clone().into_iter().collect();
+        let launch = Launch {
+            job,
+            req: &req,
+            runtime: &runtime,
+            peers: &peers,
+            peers_file: node_job.peers_file.clone(),
+        };
         let (mut started, mut failed) = (Vec::new(), Vec::new());
-        for (&rank, slot) in node_job.functions.iter_mut() {
-            let Some(endpoint) = slot.endpoint.take() else {
-                continue;
-            };
-            let contract = FunctionEnv {
-                job: job.to_string(),
-                rank,
-                size: req.size,
-                node: self.settings.node.clone(),
-                address: Some(slot.address.to_string()),
-                peers: req.peers.clone(),
-            };
-            let mut env = contract.vars();
-            env.append(&mut extra.clone());
-            let name = format!("{job}-{rank}");
-            let sandbox = match self.settings.sandbox.prepare(
-                &name,
-                &node_job.tenant,
-                node_job.root.clone(),
-                node_job.limits,
-            ) {
-                Ok(s) => s.with_writable(node_job.output_dir.clone()),
-                Err(e) => {
-                    failed.push(StartFailure {
-                        rank,
-                        error: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            let spec = FunctionSpec {
-                argv: &req.command.argv,
-                env: &env,
-                netns: Some(endpoint.netns().as_fd()),
-                name: &name,
-                bundle_dir: &self.settings.bundle_dir,
-                isolation: sandbox.isolation(),
-            };
-            match launcher::spawn(&spec, &runtime) {
-                Ok(child) => {
-                    let (kill, killed) = oneshot::channel();
-                    slot.kill = Some(kill);
-                    node_job.running += 1;
-                    started.push(rank);
-                    let jobs = self.clone();
-                    let claims = self.claims.clone();
-                    let watch = FunctionWatch {
-                        job: job.to_string(),
-                        rank,
-                        output: slot.output.clone(),
-                        bundle: matches!(runtime, Runtime::Oci { .. })
-                            .then(|| self.settings.bundle_dir.join(&name)),
-                        sandbox,
-                    };
-                    tokio::spawn(async move {
-                        let exit = watch.run(child, killed, endpoint, &claims).await;
-                        jobs.ended(exit);
-                    });
-                }
-                Err(e) => failed.push(StartFailure {
-                    rank,
-                    error: e.to_string(),
-                }),
+        let ranks: Vec<usize> = node_job.functions.keys().copied().collect();
+        for rank in ranks {
+            match self.start_one(&launch, node_job, rank) {
+                Ok(true) => started.push(rank),
+                Ok(false) => {}
+                Err(error) => failed.push(StartFailure { rank, error }),
             }
         }
         tracing::debug!(
@@ -326,11 +300,84 @@ impl NodeJobs {
             ms = clock.elapsed().as_secs_f64() * 1e3,
             "started"
         );
-        extra.clear();
         if node_job.running == 0 {
             Self::retire(&mut table, job);
         }
         Ok(Started { started, failed })
+    }
+
+    /// Starts function `rank` of `node_job` in its reserved endpoint:
+    /// `Ok(false)` if it has none (its reserve failed).
+    fn start_one(
+        self: &Arc<Self>,
+        launch: &Launch<'_>,
+        node_job: &mut NodeJob,
+        rank: usize,
+    ) -> Result<bool, String> {
+        let Some(slot) = node_job.functions.get_mut(&rank) else {
+            return Ok(false);
+        };
+        let Some(endpoint) = slot.endpoint.take() else {
+            return Ok(false);
+        };
+        let job = launch.job;
+        let contract = FunctionEnv {
+            job: job.to_string(),
+            rank,
+            size: launch.req.size,
+            node: self.settings.node.clone(),
+            address: Some(slot.address.to_string()),
+            peers: Arc::from([]),
+        };
+        let mut env = contract.vars_with(launch.peers);
+        env.extend(
+            launch
+                .req
+                .command
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let name = format!("{job}-{rank}");
+        let sandbox = self
+            .settings
+            .sandbox
+            .prepare(
+                &name,
+                &node_job.tenant,
+                node_job.root.clone(),
+                node_job.limits,
+            )
+            .map_err(|e| e.to_string())?
+            .with_writable(node_job.output_dir.clone());
+        let spec = FunctionSpec {
+            argv: &launch.req.command.argv,
+            env: &env,
+            netns: Some(endpoint.netns().as_fd()),
+            name: &name,
+            bundle_dir: &self.settings.bundle_dir,
+            isolation: sandbox.isolation(),
+            peers_file: launch.peers_file.as_deref().map(PeersFile::path),
+        };
+        let child = launcher::spawn(&spec, launch.runtime).map_err(|e| e.to_string())?;
+        let (kill, killed) = oneshot::channel();
+        slot.kill = Some(kill);
+        node_job.running += 1;
+        let jobs = self.clone();
+        let claims = self.claims.clone();
+        let watch = FunctionWatch {
+            job: job.to_string(),
+            rank,
+            output: slot.output.clone(),
+            bundle: matches!(launch.runtime, Runtime::Oci { .. })
+                .then(|| self.settings.bundle_dir.join(&name)),
+            sandbox,
+        };
+        tokio::spawn(async move {
+            let exit = watch.run(child, killed, endpoint, &claims).await;
+            jobs.ended(exit);
+        });
+        Ok(true)
     }
 
     /// A function ended: count it, report it.
@@ -351,6 +398,9 @@ impl NodeJobs {
     }
 
     fn retire(table: &mut Table, job: &str) {
+        if let Some(j) = table.jobs.get_mut(job) {
+            j.peers_file = None;
+        }
         table.ended.push_back(job.to_string());
         while table.ended.len() > RETAINED_JOBS {
             if let Some(old) = table.ended.pop_front() {

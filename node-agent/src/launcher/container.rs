@@ -28,6 +28,8 @@ use std::path::Path;
 
 use nix::libc;
 
+use particle_wire::function_env::PEERS_FILE_PATH;
+
 use super::supervisor::{decimal, proc_path, supervise, write_file};
 use super::{FunctionSpec, LaunchError};
 
@@ -59,6 +61,9 @@ pub(super) struct Prepared {
     /// (the node's directory, the directories to make in the function's
     /// /tmp for it, its mount point).
     writable: Option<(CString, Vec<CString>, CString)>,
+    /// (the job's peer file on the node, its mount point in the function's
+    /// /tmp, the flags of its read-only remount).
+    peers: Option<(CString, CString, libc::c_ulong)>,
     /// (target, link) in the function's `/dev`.
     dev_links: Vec<(CString, CString)>,
     /// Flags of the read-only remount of the root: the source mount's
@@ -105,10 +110,19 @@ impl Prepared {
             Some(dir) => Some(writable_mount(root, dir)?),
             None => None,
         };
+        let peers = match spec.peers_file {
+            Some(file) => {
+                let st = nix::sys::statvfs::statvfs(file).map_err(|e| root_err(e.into()))?;
+                let point = root.join(PEERS_FILE_PATH.trim_start_matches('/'));
+                Some((cstring(file)?, cstring(&point)?, locked_flags(st.flags())))
+            }
+            None => None,
+        };
         Ok(Self {
             netns,
             binds,
             writable,
+            peers,
             hostname: CString::new(spec.name).map_err(|_| LaunchError::Nul)?,
             agent: std::process::id() as libc::pid_t,
             last_cap: last_capability(),
@@ -264,6 +278,25 @@ impl Prepared {
                 }
             }
             mount(dir.as_ptr(), point, none, libc::MS_BIND, none)?;
+        }
+        if let Some((file, point, flags)) = &self.peers {
+            let fd = check(
+                libc::open(
+                    point.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o444,
+                )
+                .into(),
+            )?;
+            libc::close(fd as libc::c_int);
+            mount(file.as_ptr(), point, none, libc::MS_BIND, none)?;
+            mount(
+                none,
+                point,
+                none,
+                libc::MS_REMOUNT | libc::MS_BIND | flags,
+                none,
+            )?;
         }
         self.build_dev()?;
         check(libc::chdir(self.root.as_ptr()).into())?;

@@ -33,6 +33,8 @@ use std::process::Stdio;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
+use particle_wire::function_env::JobPeers;
+
 use crate::sandbox::IdRange;
 
 /// The environment a function starts with, besides its job's.
@@ -111,6 +113,53 @@ pub struct FunctionSpec<'a> {
     /// Where OCI bundles go (one directory per function, removed by the caller).
     pub bundle_dir: &'a Path,
     pub isolation: Isolation<'a>,
+    /// The job's peer file ([`PeersFile`]), shown read-only at
+    /// [`particle_wire::function_env::PEERS_FILE_PATH`]; `None` when the
+    /// peers fit the environment.
+    pub peers_file: Option<&'a Path>,
+}
+
+/// A job's peer list as a file on the node, for jobs too large for the
+/// variable ([`JobPeers::file`]): one per job and node, readable by every
+/// tenant's ids (functions see it read-only; the directory holding it must
+/// be searchable), removed when dropped.
+#[derive(Debug)]
+pub struct PeersFile {
+    path: PathBuf,
+}
+
+impl PeersFile {
+    /// Writes `peers` as file `name` in `dir` if they need a file.
+    pub fn write(dir: &Path, name: &str, peers: &JobPeers) -> io::Result<Option<Self>> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let Some(text) = peers.file() else {
+            return Ok(None);
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)?;
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o444)
+            .open(&path)?;
+        file.write_all(text.as_bytes())?;
+        Ok(Some(Self { path }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PeersFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Looks `program` up inside `root` the way `execvp` will once the

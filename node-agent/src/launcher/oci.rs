@@ -6,6 +6,7 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use particle_wire::function_env::PEERS_FILE_PATH;
 use serde_json::json;
 use tokio::process::Command;
 
@@ -33,13 +34,19 @@ pub(super) fn command(spec: &FunctionSpec<'_>, binary: &Path) -> Result<Command,
 
 fn config(spec: &FunctionSpec<'_>) -> serde_json::Value {
     let iso = &spec.isolation;
-    let mounts = vec![
+    let mut mounts = vec![
         json!({"destination": "/proc", "type": "proc", "source": "proc"}),
         json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
             "options": ["nosuid", "mode=755", "size=64k"]}),
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
             "options": ["nosuid", "nodev", "mode=1777", format!("size={}", iso.tmp_bytes.max(4096))]}),
     ];
+    if let Some(file) = spec.peers_file {
+        mounts.push(
+            json!({"destination": PEERS_FILE_PATH, "type": "bind", "source": file,
+            "options": ["bind", "ro", "nosuid", "nodev", "noexec"]}),
+        );
+    }
     let mut namespaces = vec![
         json!({"type": "pid"}),
         json!({"type": "ipc"}),

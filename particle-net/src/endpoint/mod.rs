@@ -42,7 +42,7 @@ use ipnetwork::Ipv4Network;
 
 use crate::guard::PortIdentity;
 use crate::names::{IfName, NameError};
-use crate::netlink::{messages, NetlinkError, NetlinkSocket, RequestError};
+use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request, RequestError};
 use crate::netns::{NetNs, NetNsError};
 
 pub use factory::{BuildPriority, EndpointFactory, FactoryConfig};
@@ -90,6 +90,34 @@ impl EndpointSpec {
             .into_iter()
             .map(|address| Self { address, gateway })
             .collect()
+    }
+
+    /// What the inside of an endpoint needs on its interface `index`: the
+    /// address, the default route, and a permanent ARP entry for the
+    /// gateway (the router's bridge, whose MAC follows from its address:
+    /// [`crate::bridge::gateway_mac`]). With it no endpoint ever asks for
+    /// its gateway, so a burst of thousands adds nothing to the kernel's
+    /// one neighbour table for all namespaces (`gc_thresh3`).
+    pub(crate) fn requests_on(&self, index: u32) -> [Request; 3] {
+        let addr = self.address;
+        [
+            Request::create(
+                format!("add {addr}"),
+                messages::add_ipv4_address(index, addr.ip(), addr.prefix()),
+            ),
+            Request::create(
+                format!("add default route via {}", self.gateway),
+                messages::default_route(self.gateway, index),
+            ),
+            Request::replace(
+                format!("permanent ARP entry for the gateway {}", self.gateway),
+                messages::permanent_neighbour(
+                    index,
+                    self.gateway,
+                    crate::bridge::gateway_mac(self.gateway),
+                ),
+            ),
+        ]
     }
 }
 

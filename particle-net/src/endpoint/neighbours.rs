@@ -10,11 +10,12 @@ use super::EndpointError;
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request};
 use crate::netns::NetNs;
 
-/// Forgets every neighbour (ARP) entry of a namespace (an endpoint's, by
-/// its namespace alone: the pool sweeps idle endpoints without taking them).
+/// Forgets every neighbour (ARP) entry a namespace learnt (an endpoint's,
+/// by its namespace alone: the pool sweeps idle endpoints without taking
+/// them). The permanent entry for its gateway is ours and stays.
 pub fn forget_neighbours_in(netns: &NetNs) -> Result<(), EndpointError> {
     let mut socket = NetlinkSocket::open_in(netns)?;
-    forget_arp_entries(&mut socket, |_| true)?;
+    forget_arp_entries(&mut socket, ArpEntry::learnt)?;
     Ok(())
 }
 

@@ -1,7 +1,6 @@
 //! Endpoints of the tenant-free pool: built without an address, bound to a
 //! tenant when claimed.
 
-use super::workers::address_requests;
 use super::{Endpoint, EndpointError, EndpointSpec};
 use crate::guard::{self, PortIdentity};
 use crate::names::IfName;
@@ -37,8 +36,8 @@ impl UnboundEndpoint {
     /// `home` is a socket in into `target` (the tenant's router) under its
     /// port's index, attaches it to `bridge` there, up and locked to the
     /// endpoint's MAC and address ([`crate::guard`]) through
-    /// `target_socket`, gives the inside its address and route, and the
-    /// router its ARP entry. Four round trips. On failure the endpoint is
+    /// `target_socket`, gives the inside its address, route and gateway
+    /// ARP entry, and the router its ARP entry. Four round trips. On failure the endpoint is
     /// destroyed with everything it had (the rules go with its port).
     pub fn bind(
         mut self,
@@ -64,7 +63,8 @@ impl UnboundEndpoint {
         )];
         attach.extend(guard::lock_requests(&self.port, ip));
         target_socket.execute_all(&attach)?;
-        self.socket.execute_all(&address_requests(&spec))?;
+        self.socket
+            .execute_all(&spec.requests_on(super::ENDPOINT_IFINDEX))?;
         target_socket.execute_all(&[guard::router_neighbour(bridge, ip, self.port.mac)])?;
         Ok(Endpoint {
             id: self.id,

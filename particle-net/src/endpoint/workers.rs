@@ -350,23 +350,7 @@ fn configure_inside(s: &mut Staged) -> Result<(), NetlinkError> {
         Request::change("set eth0 up", messages::set_up(ENDPOINT_IFINDEX)),
     ];
     if let Some(spec) = &s.spec {
-        requests.extend(address_requests(spec));
+        requests.extend(spec.requests_on(ENDPOINT_IFINDEX));
     }
     s.socket.execute_all(&requests)
-}
-
-/// The inside's address and default route (also what binding an unbound
-/// endpoint adds).
-pub(super) fn address_requests(spec: &EndpointSpec) -> [Request; 2] {
-    let addr = spec.address;
-    [
-        Request::create(
-            format!("add {addr} to eth0"),
-            messages::add_ipv4_address(ENDPOINT_IFINDEX, addr.ip(), addr.prefix()),
-        ),
-        Request::create(
-            format!("add default route via {}", spec.gateway),
-            messages::default_route(spec.gateway, ENDPOINT_IFINDEX),
-        ),
-    ]
 }
