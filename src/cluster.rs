@@ -22,10 +22,10 @@ pub enum ClusterCommand {
         #[arg(long, default_value_t = 7700)]
         port: u16,
         /// Warm endpoints per tenant per node.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = particle_cluster::DEFAULT_POOL_SIZE)]
         pool_size: usize,
         /// Tenant-free endpoints per node (bound to a tenant that runs dry).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = particle_cluster::DEFAULT_FREE_POOL_SIZE)]
         free_pool_size: usize,
         /// Seconds without a heartbeat after which the controller drops a node [default: 10].
         #[arg(long)]

@@ -37,6 +37,15 @@ fn bench_endpoints_reports_every_method_and_leaks_nothing() {
     }
     assert_eq!(report["leaked"], 0, "{report}");
     assert_eq!(report["claim_misses"], 0, "{report}");
+    // Each warm endpoint is one namespace with lo and eth0 inside and its
+    // host end on the bridge; the census sees them all.
+    let per = &report["pool_footprint"]["objects"];
+    assert_eq!(per["namespaces"], 1.0, "{report}");
+    assert_eq!(per["links"], 3.0, "{report}");
+    assert!(
+        report["pool_footprint"]["kernel_kib"].as_f64().is_some(),
+        "{report}"
+    );
 }
 
 #[test]

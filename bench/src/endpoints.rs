@@ -5,6 +5,7 @@
 //! Everything is built inside a scratch namespace of the run, from a /16 that
 //! exists only there; the machine's own namespace is never touched.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +13,7 @@ use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, EndpointPool, EndpointSpec, PoolConfig, Run, RunPrefix};
 use serde::Serialize;
 
+use crate::agent_resources::AgentResources;
 use crate::baselines::ip::{self, IpEndpoint, NamespacesGuard};
 use crate::stats::{micros, percentile, rate};
 
@@ -44,6 +46,8 @@ pub struct Report {
     /// Particle's rate over `ip -batch`'s, same run.
     pub particle_vs_ip_batch: f64,
     pub pool_fill_per_s: f64,
+    /// What one warm endpoint costs the node, from the full pool of `count`.
+    pub pool_footprint: PerEndpoint,
     pub claim_p50_us: f64,
     pub claim_p99_us: f64,
     pub claim_max_us: f64,
@@ -126,10 +130,12 @@ pub fn run(opts: &Options) -> Result<Report> {
         low_watermark: n / 2,
         batch_size: 64,
     };
+    let before = Footprint::take()?;
     let pool = EndpointPool::start(factory, pool_block, config)?;
     let start = Instant::now();
     pool.wait_ready(n, Duration::from_secs(120 + n as u64 / 10))?;
     let pool_fill = start.elapsed();
+    let footprint = before.per_endpoint(&Footprint::take()?, n);
     let mut latencies = Vec::with_capacity(n);
     let mut claimed = Vec::with_capacity(n);
     for _ in 0..n {
@@ -164,6 +170,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         particle_per_s: rate(n, particle),
         particle_vs_ip_batch: ip_batch.as_secs_f64() / particle.as_secs_f64(),
         pool_fill_per_s: rate(n, pool_fill),
+        pool_footprint: footprint,
         claim_p50_us: micros(percentile(&mut latencies, 50.0)),
         claim_p99_us: micros(percentile(&mut latencies, 99.0)),
         claim_max_us: micros(percentile(&mut latencies, 100.0)),
@@ -173,6 +180,64 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     drop(run);
     Ok(report)
+}
+
+/// What a warm endpoint holds, averaged over a full pool: kernel objects
+/// (in its namespace and its router's), the pool's fds and memory, and the
+/// kernel memory it costs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PerEndpoint {
+    /// Kernel objects and process resources (the census of
+    /// [`crate::agent_resources`] on this process), per endpoint.
+    pub objects: BTreeMap<String, f64>,
+    /// `/proc/meminfo`'s slab, kernel stacks, page tables and per-CPU
+    /// memory, per endpoint (KiB): what the kernel spent on it.
+    pub kernel_kib: f64,
+    /// This process's resident memory, per endpoint (KiB).
+    pub process_kib: f64,
+}
+
+/// A census of this process and the kernel's memory, for [`PerEndpoint`].
+struct Footprint {
+    census: AgentResources,
+    kernel_kib: u64,
+}
+
+impl Footprint {
+    fn take() -> Result<Self> {
+        let census =
+            AgentResources::read(std::process::id() as i32).context("census of this process")?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+        let kernel_kib = ["Slab", "KernelStack", "PageTables", "Percpu"]
+            .iter()
+            .filter_map(|field| meminfo_kib(&meminfo, field))
+            .sum();
+        Ok(Self { census, kernel_kib })
+    }
+
+    fn per_endpoint(&self, later: &Self, n: usize) -> PerEndpoint {
+        let n = n.max(1) as f64;
+        let mut objects: BTreeMap<String, f64> = self
+            .census
+            .delta(&later.census)
+            .into_iter()
+            .map(|(k, v)| (k, v as f64 / n))
+            .collect();
+        let process_kib = objects.remove("rss_kib").unwrap_or(0.0);
+        PerEndpoint {
+            objects,
+            kernel_kib: (later.kernel_kib as f64 - self.kernel_kib as f64) / n,
+            process_kib,
+        }
+    }
+}
+
+/// A `/proc/meminfo` field in KiB.
+fn meminfo_kib(meminfo: &str, field: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Names and addresses for `n` endpoints of one `ip` baseline.
@@ -282,6 +347,20 @@ pub fn render(r: &Report) -> String {
     out.push_str(&format!(
         "\nWarm pool: filled at {:.0}/s; {} claims: p50 {:.2} µs, p99 {:.2} µs, max {:.2} µs, {} misses\n",
         r.pool_fill_per_s, r.count, r.claim_p50_us, r.claim_p99_us, r.claim_max_us, r.claim_misses
+    ));
+    let f = &r.pool_footprint;
+    let objects: Vec<String> = f
+        .objects
+        .iter()
+        .filter(|(_, v)| **v != 0.0)
+        .map(|(k, v)| format!("{v:.2} {k}"))
+        .collect();
+    out.push_str(&format!(
+        "Per warm endpoint (pool of {}): {:.1} KiB kernel memory, {:.1} KiB of this process; {}\n",
+        r.count,
+        f.kernel_kib,
+        f.process_kib,
+        objects.join(", ")
     ));
     out.push_str(&format!(
         "Leaked after teardown: {}{}\n",

@@ -10,6 +10,7 @@ pub mod delay_line;
 pub mod endpoints;
 pub mod jobs;
 pub mod no_network;
+pub mod peaks;
 pub mod pipeline;
 pub mod pipeline_baseline;
 pub mod reuse;

@@ -44,6 +44,13 @@ fn node_name(i: usize) -> String {
     format!("n{i}")
 }
 
+/// Warm endpoints per tenant per node that `particle cluster up` keeps
+/// unless told otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// Tenant-free endpoints per node that `particle cluster up` keeps unless
+/// told otherwise.
+pub const DEFAULT_FREE_POOL_SIZE: usize = 16;
+
 /// Where every cluster's directory lives.
 const RUN_DIR: &str = "/run/particle";
 /// The name of a process cluster's directory ends so (`particle cluster

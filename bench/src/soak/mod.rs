@@ -88,7 +88,8 @@ pub fn run(args: &SoakArgs) -> Result<SoakReport> {
         for (i, t) in tenants.iter().enumerate() {
             // Disjoint /16s from 10.100.0.0 on; VNIs from 4600.
             let subnet = format!("10.{}.0.0/16", 100 + i);
-            tenants::create(&api, &ring_tenant(t, 4600 + i as u32, &subnet)).await?;
+            let per_node = args.max_functions.div_ceil(args.nodes).max(args.warm);
+            tenants::create(&api, &ring_tenant(t, 4600 + i as u32, &subnet, per_node)).await?;
             tenants::set_warm(&api, t, args.warm).await?;
         }
         for t in &tenants {

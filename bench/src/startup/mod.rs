@@ -14,15 +14,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use particle_cluster::{tenants, LocalCluster, Options};
+use particle_cluster::{tenants, LocalCluster, Options, DEFAULT_FREE_POOL_SIZE, DEFAULT_POOL_SIZE};
 use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Run};
 use particle_wire::api::CreateTenant;
+use particle_wire::client::ApiClient;
 use particle_workloads::local::local_envs;
 use particle_workloads::ring::now_ns;
 
 use crate::baselines::docker_swarm::{Swarm, SwarmHost};
 use crate::jobs::launch_job;
+use crate::peaks::{ClusterMemory, NeighbourTable, NeighbourTableWatch};
 use crate::pipeline_baseline::Baseline;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -53,6 +55,12 @@ pub struct StartupArgs {
 /// A baseline's constructor: nodes, the underlay's subnet, the two octets
 /// its overlay subnets start with.
 type BaselineFn = fn(usize, &str, [u8; 2]) -> Result<Baseline>;
+
+/// The largest burst the baselines run.
+const MAX_BASELINE_FUNCTIONS: usize = 1000;
+const BASELINE_LIMIT: &str = "not run above 1,000 functions: it builds every \
+    function's network at launch, one by one (about an hour for 10,000 here), and hands \
+    peers over in the environment, which cannot hold 10,000 of them (exec fails with E2BIG)";
 
 /// The seconds a function may take to reach its peer (Swarm's DNS is slow).
 const FUNCTION_TIMEOUT_S: u64 = 600;
@@ -96,9 +104,7 @@ pub fn run(args: &StartupArgs) -> Result<StartupReport> {
     let mut report = StartupReport::new(args.nodes, args.functions);
     let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
 
-    if wanted("particle-warm") || wanted("particle-cold") {
-        particle(args, &sweep, &argv, &mut report, &wanted)?;
-    }
+    particle(args, &sweep, &argv, &mut report, &wanted)?;
     // Built anew for each burst: nodes wired, each function's network made at launch.
     let baselines: [(&str, BaselineFn, &str, [u8; 2]); 2] = [
         (
@@ -116,17 +122,25 @@ pub fn run(args: &StartupArgs) -> Result<StartupReport> {
     ];
     for &m in &sweep {
         for (system, build, underlay, subnets) in baselines {
-            if wanted(system) {
+            if wanted(system) && m > MAX_BASELINE_FUNCTIONS {
+                report.skip(system, BASELINE_LIMIT);
+            } else if wanted(system) {
                 let mut baseline = build(args.nodes, underlay, subnets)?;
                 let (submitted, runs) = baseline.launch(&argv, m, timeout)?;
                 report.add_burst(system, measured(submitted, runs.iter().map(|r| &r.stdout))?);
             }
         }
         if wanted("no-network") {
-            report.add_burst("no-network", no_network(&argv, args.nodes, m, timeout)?);
+            let (burst, table) = no_network(&argv, args.nodes, m, timeout)?;
+            report.add_burst("no-network", burst);
+            if m == args.functions {
+                report.add_details("no-network", Origins::default(), table);
+            }
         }
     }
-    if wanted("docker-swarm") {
+    if wanted("docker-swarm") && args.functions > MAX_BASELINE_FUNCTIONS {
+        report.skip("docker-swarm", BASELINE_LIMIT);
+    } else if wanted("docker-swarm") {
         match docker_swarm(&argv, args.nodes, args.functions) {
             Ok(b) => report.add_burst("docker-swarm", b),
             Err(why) => report.skip("docker-swarm", why),
@@ -155,10 +169,60 @@ fn measured<'a>(submitted: u128, outs: impl Iterator<Item = &'a String>) -> Resu
     burst(submitted, &outs)
 }
 
-/// Particle warm and cold on one local cluster. Warm: the tenant's pools hold
-/// the burst before the clock starts (as a platform keeps them for a job it
-/// knows is coming). Cold: one warm endpoint per node and no tenant-free
-/// pool, so the rest are built in one batch per node during the launch.
+/// Particle's systems, each meeting every burst its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Particle {
+    /// The tenant's pools hold the burst before the clock starts (as a
+    /// platform keeps them for a job it knows is coming).
+    Warm,
+    /// One warm endpoint per node and no tenant-free pool: the rest are
+    /// built in one batch per node during the launch.
+    Cold,
+    /// What `particle cluster up` runs, untuned: the default warm pool per
+    /// tenant and the default tenant-free pool per node, nothing prewarmed
+    /// for the job; the burst is larger than both.
+    Default,
+}
+
+impl Particle {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Warm => "particle-warm",
+            Self::Cold => "particle-cold",
+            Self::Default => "particle-default",
+        }
+    }
+
+    /// The tenant, its VNI and subnet (one per system, on one cluster).
+    fn tenant(self) -> (&'static str, u32, &'static str) {
+        match self {
+            Self::Warm => ("warm", 4401, "10.64.0.0/12"),
+            Self::Cold => ("cold", 4402, "10.80.0.0/12"),
+            Self::Default => ("default", 4403, "10.96.0.0/12"),
+        }
+    }
+
+    /// Sets the tenant up for a burst of `per_node` functions per node and
+    /// waits until its pools are as the system has them.
+    async fn prepare(self, api: &ApiClient, per_node: usize) -> Result<()> {
+        let tenant = self.tenant().0;
+        let ready = match self {
+            Self::Warm => per_node,
+            Self::Cold => 1,
+            // The tenant's own default: nothing asked of it.
+            Self::Default => {
+                return tenants::warm_up(api, tenant, DEFAULT_POOL_SIZE)
+                    .await
+                    .map(drop)
+            }
+        };
+        tenants::set_warm(api, tenant, ready).await?;
+        tenants::warm_up(api, tenant, ready).await.map(drop)
+    }
+}
+
+/// Particle's systems, on the clusters they run on: warm and cold on one
+/// without a tenant-free pool, the default on one as `cluster up` makes it.
 fn particle(
     args: &StartupArgs,
     sweep: &[usize],
@@ -166,61 +230,130 @@ fn particle(
     report: &mut StartupReport,
     wanted: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
+    let tuned = Options::processes(args.nodes, "10.241.0.0/24", 7700, 1, 0);
+    let defaults = Options::processes(
+        args.nodes,
+        "10.241.1.0/24",
+        7700,
+        DEFAULT_POOL_SIZE,
+        DEFAULT_FREE_POOL_SIZE,
+    );
+    for (options, systems) in [
+        (tuned, &[Particle::Warm, Particle::Cold][..]),
+        (defaults, &[Particle::Default][..]),
+    ] {
+        let systems: Vec<Particle> = systems
+            .iter()
+            .copied()
+            .filter(|s| wanted(s.name()))
+            .collect();
+        if !systems.is_empty() {
+            on_cluster(&options, &systems, args, sweep, argv, report)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every burst of `sweep` for each of `systems`, on one cluster started
+/// with `options`.
+fn on_cluster(
+    options: &Options,
+    systems: &[Particle],
+    args: &StartupArgs,
+    sweep: &[usize],
+    argv: &[String],
+    report: &mut StartupReport,
+) -> Result<()> {
     let per_node = |m: usize| m.div_ceil(args.nodes);
-    let cluster =
-        LocalCluster::start(&Options::processes(args.nodes, "10.241.0.0/24", 7700, 1, 0))?;
+    let cluster = LocalCluster::start(options)?;
     let api = cluster.api()?;
     let timeout = Duration::from_secs(FUNCTION_TIMEOUT_S);
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        tenants::create(&api, &ring_tenant("warm", 4401, "10.64.0.0/12")).await?;
-        tenants::create(&api, &ring_tenant("cold", 4402, "10.80.0.0/12")).await?;
-        for &m in sweep {
-            if wanted("particle-warm") {
-                tenants::set_warm(&api, "warm", per_node(m)).await?;
-                tenants::warm_up(&api, "warm", per_node(m)).await?;
-                let (submitted, _, runs) =
-                    launch_job(&api, "warm", argv.to_vec(), m, timeout, None).await?;
-                report.add_burst(
-                    "particle-warm",
-                    measured(submitted, runs.iter().map(|r| &r.stdout))?,
-                );
+        for s in systems {
+            let (name, vni, subnet) = s.tenant();
+            let mut tenant = ring_tenant(name, vni, subnet, per_node(args.functions));
+            if *s == Particle::Default {
+                // Nothing asked: the agents' default warm pool.
+                tenant.warm_per_node = None;
             }
-            if wanted("particle-cold") {
-                tenants::set_warm(&api, "cold", 1).await?;
-                tenants::warm_up(&api, "cold", 1).await?;
-                let (submitted, _, runs) =
-                    launch_job(&api, "cold", argv.to_vec(), m, timeout, None).await?;
+            tenants::create(&api, &tenant).await?;
+        }
+        for &m in sweep {
+            for &system in systems {
+                system.prepare(&api, per_node(m)).await?;
+                let watch = NeighbourTableWatch::start()?;
+                let launched =
+                    launch_job(&api, system.tenant().0, argv.to_vec(), m, timeout, None).await;
+                let table = watch.finish()?;
+                let (submitted, job, runs) = launched?;
                 report.add_burst(
-                    "particle-cold",
+                    system.name(),
                     measured(submitted, runs.iter().map(|r| &r.stdout))?,
                 );
+                if m == args.functions {
+                    report.add_details(
+                        system.name(),
+                        Origins {
+                            warm: job.warm,
+                            bound: job.bound,
+                            cold: job.cold,
+                        },
+                        table,
+                    );
+                }
             }
         }
         anyhow::Ok(())
-    })
+    })?;
+    // A peak is the processes' whole life: read before the cluster stops.
+    let memory = ClusterMemory::read();
+    for s in systems {
+        report.add_memory(s.name(), memory);
+    }
+    drop(cluster);
+    Ok(())
 }
 
 /// A tenant for ring bursts on `subnet`, one warm endpoint per node to
-/// start with (the benchmark sets its warm target per burst).
-pub fn ring_tenant(name: &str, vni: u32, subnet: &str) -> CreateTenant {
+/// start with (the benchmark sets its warm target per burst), with blocks
+/// large enough for `per_node` functions and its pool.
+pub fn ring_tenant(name: &str, vni: u32, subnet: &str, per_node: usize) -> CreateTenant {
     CreateTenant {
         name: name.into(),
         vni,
         subnet: subnet.into(),
-        // Room for 1000+ functions on one node.
-        block_prefix: Some(21),
+        block_prefix: Some(block_prefix_for(per_node + DEFAULT_POOL_SIZE)),
         warm_per_node: Some(1),
     }
 }
 
+/// The longest prefix whose blocks hold `hosts` addresses besides the
+/// network, gateway and broadcast addresses; never longer than /24.
+fn block_prefix_for(hosts: usize) -> u8 {
+    (8..=24u8)
+        .rev()
+        .find(|p| (1usize << (32 - p)) >= hosts + 3)
+        .unwrap_or(8)
+}
+
 /// The floor: the same functions started by Particle's launcher, one per
 /// node in parallel, with no network of their own (`crate::no_network`).
-fn no_network(argv: &[String], nodes: usize, m: usize, timeout: Duration) -> Result<Burst> {
+fn no_network(
+    argv: &[String],
+    nodes: usize,
+    m: usize,
+    timeout: Duration,
+) -> Result<(Burst, NeighbourTable)> {
     let envs = local_envs("no-network", m, 20_000, nodes);
-    let (submitted, outputs) =
-        crate::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout, None)?;
-    measured(submitted, outputs.iter().map(|o| &o.stdout))
+    let watch = NeighbourTableWatch::start()?;
+    let ran = crate::no_network::run(&envs, argv, nodes, "10.240.0.0/24", timeout, None);
+    let table = watch.finish()?;
+    let (submitted, outputs) = ran?;
+    Ok((
+        measured(submitted, outputs.iter().map(|o| &o.stdout))?,
+        table,
+    ))
 }
 
 /// Docker Swarm's overlay on namespaced hosts of its own (dockerd rewrites

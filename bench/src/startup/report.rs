@@ -12,11 +12,13 @@ use particle_workloads::ring::{parse_probe, REACHED};
 use serde::Serialize;
 
 use crate::cni_add::CniAddReport;
+use crate::peaks::{ClusterMemory, NeighbourTable};
 
 /// The systems, in the order they are reported (the JSON keys).
-pub const SYSTEMS: [&str; 7] = [
+pub const SYSTEMS: [&str; 8] = [
     "particle-warm",
     "particle-cold",
+    "particle-default",
     "linux-overlay",
     "cni-bridge",
     "docker-swarm",
@@ -71,6 +73,18 @@ pub struct SystemReport {
     /// total_s / Particle warm's total_s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_particle: Option<f64>,
+    /// total_s / the no-network floor's total_s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_floor: Option<f64>,
+    /// Where the largest burst's endpoints came from (Particle's systems).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Origins>,
+    /// The kernel's neighbour table over the largest burst.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neighbour_table: Option<NeighbourTable>,
+    /// Peak memory of the cluster the system ran on, over its whole life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ClusterMemory>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sweep: Vec<Burst>,
     /// Per-ADD times (`particle-cni` and `cni-bridge`, from `bench cni`'s measurement).
@@ -80,6 +94,15 @@ pub struct SystemReport {
     pub add_p99_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+}
+
+/// Endpoints of a job by where they came from: the tenant's warm pool,
+/// bound from the tenant-free pool, or built at launch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Origins {
+    pub warm: usize,
+    pub bound: usize,
+    pub cold: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,6 +134,17 @@ impl StartupReport {
         }
     }
 
+    /// What the largest burst of `system` took besides time.
+    pub fn add_details(&mut self, system: &str, endpoints: Origins, table: NeighbourTable) {
+        let s = self.systems.entry(system.to_string()).or_default();
+        s.endpoints = (endpoints != Origins::default()).then_some(endpoints);
+        s.neighbour_table = Some(table);
+    }
+
+    pub fn add_memory(&mut self, system: &str, memory: ClusterMemory) {
+        self.systems.entry(system.to_string()).or_default().memory = Some(memory);
+    }
+
     pub fn skip(&mut self, system: &str, why: impl Into<String>) {
         let s = self.systems.entry(system.to_string()).or_default();
         if s.skipped.is_none() && s.total_s.is_none() {
@@ -133,18 +167,18 @@ impl StartupReport {
         }
     }
 
-    /// Fills in every ratio to Particle warm.
+    /// Fills in every ratio to Particle warm and to the floor.
     pub fn finish(&mut self) {
-        let Some(base) = self
-            .systems
-            .get("particle-warm")
-            .and_then(|s| s.total_s)
-            .filter(|t| *t > 0.0)
-        else {
-            return;
+        let total = |name: &str| {
+            self.systems
+                .get(name)
+                .and_then(|s| s.total_s)
+                .filter(|t| *t > 0.0)
         };
+        let (warm, floor) = (total("particle-warm"), total("no-network"));
         for s in self.systems.values_mut() {
-            s.ratio_to_particle = s.total_s.map(|t| t / base);
+            s.ratio_to_particle = s.total_s.zip(warm).map(|(t, base)| t / base);
+            s.ratio_to_floor = s.total_s.zip(floor).map(|(t, base)| t / base);
         }
     }
 }
@@ -156,8 +190,8 @@ pub fn render(r: &StartupReport) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<14} {:>9} {:>10} {:>10} {:>10} {:>10}",
-        "system", "total (s)", "p50 (ms)", "p99 (ms)", "x particle", "ADD p50"
+        "{:<16} {:>9} {:>10} {:>10} {:>10} {:>8} {:>10}",
+        "system", "total (s)", "p50 (ms)", "p99 (ms)", "x particle", "x floor", "ADD p50"
     );
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for name in SYSTEMS {
@@ -165,27 +199,63 @@ pub fn render(r: &StartupReport) -> String {
             continue;
         };
         if let Some(why) = &s.skipped {
-            let _ = writeln!(out, "{name:<14} skipped: {why}");
+            let _ = writeln!(out, "{name:<16} skipped: {why}");
             continue;
         }
         let _ = writeln!(
             out,
-            "{name:<14} {:>9} {:>10} {:>10} {:>10} {:>10}",
+            "{name:<16} {:>9} {:>10} {:>10} {:>10} {:>8} {:>10}",
             opt(s.total_s, 3),
             opt(s.p50_ms, 1),
             opt(s.p99_ms, 1),
             opt(s.ratio_to_particle, 2),
+            opt(s.ratio_to_floor, 2),
             s.add_p50_ms.map_or("-".into(), |v| format!("{v:.2} ms")),
         );
     }
+    render_details(&mut out, r);
     if let Some(p) = &r.plot {
         let _ = writeln!(out, "plot: {p}");
     }
     out
 }
 
-const COLOURS: [&str; 7] = [
-    "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#8c564b",
+/// Per system at the largest burst: where its endpoints came from, the
+/// neighbour table, the cluster's peak memory.
+fn render_details(out: &mut String, r: &StartupReport) {
+    for name in SYSTEMS {
+        let Some(s) = r.systems.get(name).filter(|s| s.skipped.is_none()) else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        if let Some(e) = s.endpoints {
+            parts.push(format!(
+                "endpoints {} warm / {} bound / {} cold",
+                e.warm, e.bound, e.cold
+            ));
+        }
+        if let Some(t) = s.neighbour_table {
+            parts.push(format!(
+                "ARP table peak {} entries (permanent included; gc_thresh3 {}), {} forced GC, {} overflows",
+                t.peak_entries, t.gc_thresh3, t.forced_gc_runs, t.overflows
+            ));
+        }
+        if let Some(m) = s.memory {
+            parts.push(format!(
+                "peak memory: controller {:.1} MiB, agents {:.1} MiB max / {:.1} MiB total",
+                m.controller_peak_kib as f64 / 1024.0,
+                m.agent_peak_kib as f64 / 1024.0,
+                m.agents_peak_kib_total as f64 / 1024.0
+            ));
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(out, "  {name}: {}", parts.join("; "));
+        }
+    }
+}
+
+const COLOURS: [&str; 8] = [
+    "#d62728", "#ff7f0e", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#7f7f7f", "#8c564b",
 ];
 
 /// Startup time (launch to every function reached a peer) against the
@@ -322,9 +392,11 @@ mod tests {
         r.add_burst("particle-warm", b(50, 0.1));
         r.add_burst("particle-warm", b(100, 0.2));
         r.add_burst("linux-overlay", b(100, 2.0));
+        r.add_burst("no-network", b(100, 0.1));
         r.skip("docker-swarm", "no docker");
         r.finish();
         assert_eq!(r.systems["linux-overlay"].ratio_to_particle, Some(10.0));
+        assert_eq!(r.systems["linux-overlay"].ratio_to_floor, Some(20.0));
         assert_eq!(r.systems["particle-warm"].ratio_to_particle, Some(1.0));
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["systems"]["docker-swarm"]["skipped"], "no docker");
