@@ -3,8 +3,9 @@
 //! (`particle_node_agent::launcher`: container namespaces, dropped
 //! privileges, a supervisor per function) in the same sandbox
 //! (`particle_node_agent::sandbox`: the agent's function image, a user
-//! namespace, a cgroup with the default limits) by one launcher per node working
-//! in parallel, as the agents do. All of them join one scratch namespace and
+//! namespace, a cgroup with the default limits, one sandbox per node as
+//! each agent has its own), by one launcher per node working in parallel,
+//! as the agents do, with the peers handed over as they do. All of them join one scratch namespace and
 //! talk over its loopback, so nothing binds a port on the machine. What a
 //! networked system takes beyond this is what its network costs.
 
@@ -43,25 +44,30 @@ pub fn run(
     // Made before the clock starts, as an agent makes it at its start.
     let dir = crate::jobs::ScratchDir::new(&run.prefix().label("floor"))
         .context("the floor's sandbox directory")?;
-    let sandbox = Sandbox::start(
-        SandboxConfig::default(),
-        dir.dir(),
-        &run.prefix().label("floor"),
-    )
-    .context("assembling the floor's sandbox")?;
+    let nodes = nodes.max(1);
+    // One per node, as each agent has its own: one cgroup parent for every
+    // function would be one share of the CPU against everything else the
+    // machine runs, where the agents' functions have one share per node.
+    let sandboxes = (0..nodes)
+        .map(|node| {
+            let label = run.prefix().label(&format!("floor{node}"));
+            let node_dir = dir.dir().join(&label);
+            std::fs::create_dir_all(&node_dir)?;
+            Sandbox::start(SandboxConfig::default(), &node_dir, &label)
+                .context("assembling the floor's sandbox")
+        })
+        .collect::<Result<Vec<_>>>()?;
     // The floor hands peers over as the agents do (a file for large jobs).
     let peers = JobPeers::new(envs.first().map(|e| &e.peers[..]).unwrap_or_default());
     let peers_file = PeersFile::write(&dir.dir().join("peers"), "floor", &peers)
         .context("writing the floor's peer file")?;
     let (peers, peers_file) = (&peers, peers_file.as_ref().map(PeersFile::path));
-    let limits = sandbox.limits(&Default::default())?;
-    let root = sandbox.default_root().to_owned();
-    let (sandbox, root) = (&sandbox, &root);
+    let limits = sandboxes[0].limits(&Default::default())?;
+    let sandboxes = &sandboxes;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let nodes = nodes.max(1);
     let netns = scratch.netns.as_fd();
     let submitted = now_ns();
     let deadline = Instant::now() + timeout;
@@ -77,8 +83,10 @@ pub fn run(
                     for env in envs.iter().filter(|e| e.rank % nodes == node) {
                         let vars = env.vars_with(peers);
                         let name = format!("floor-{}", env.rank);
+                        let sandbox = &sandboxes[node];
+                        let root = sandbox.default_root().to_owned();
                         let boxed = sandbox
-                            .prepare(&name, "floor", root.clone(), limits)?
+                            .prepare(&name, "floor", root, limits)?
                             .with_writable(output_dir.map(Path::to_path_buf));
                         let spec = FunctionSpec {
                             argv,
