@@ -440,7 +440,7 @@ mod fuzz {
                 prop_assert_eq!(
                     (
                         s.node().unwrap(),
-                        s.controller().unwrap(),
+                        s.controller().unwrap()[0],
                         s.underlay_ip().unwrap(),
                         s.pool_size()
                     ),
