@@ -23,6 +23,7 @@
 //! child processes die with this one (PR_SET_PDEATHSIG), tasks stop with its
 //! runtime; dropping it, Ctrl-C or a crash leave nothing behind.
 
+mod ha;
 mod in_process;
 mod processes;
 mod relay;
@@ -38,6 +39,8 @@ use particle_net::scratch::ScratchNode;
 use particle_net::{AddressBlock, Endpoint, NetNs, PoolConfig, Run, RunPrefix};
 use particle_wire::client::ApiClient;
 use serde_json::Value;
+
+pub use ha::{Ha, ETCD_MEMBERS};
 
 /// Node `i`'s name at the controller.
 fn node_name(i: usize) -> String {
@@ -82,6 +85,9 @@ pub struct Options {
     /// cluster's namespaces.
     pub relay: bool,
     pub mode: Mode,
+    /// Several controllers on a three-member etcd cluster (processes
+    /// only); `None`: one controller on the embedded store.
+    pub ha: Option<Ha>,
 }
 
 impl Options {
@@ -103,6 +109,7 @@ impl Options {
             heartbeat_timeout: None,
             relay: false,
             mode: Mode::Processes,
+            ha: None,
         }
     }
 
@@ -117,6 +124,7 @@ impl Options {
             heartbeat_timeout: None,
             relay: false,
             mode: Mode::InProcess,
+            ha: None,
         }
     }
 }
@@ -131,7 +139,7 @@ pub struct LocalCluster {
     hosts: Vec<Endpoint>,
     fabric: ScratchNode,
     token: String,
-    controller_addr: SocketAddr,
+    controller_addrs: Vec<SocketAddr>,
     relay_addr: Option<SocketAddr>,
     sockets: Vec<PathBuf>,
     dir: ClusterDir,
@@ -156,6 +164,10 @@ impl LocalCluster {
         let hosts = fabric.hosts(opts.nodes).context("creating the nodes")?;
         let token = dir.new_token()?;
         let controller_addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), opts.port);
+        let controller_addrs = ha::controller_addrs(opts, controller_addr);
+        if opts.ha.is_some() && opts.mode != Mode::Processes {
+            bail!("several controllers on etcd run as processes only");
+        }
         let sockets: Vec<PathBuf> = (0..opts.nodes)
             .map(|i| dir.path().join(format!("n{i}.sock")))
             .collect();
@@ -167,7 +179,7 @@ impl LocalCluster {
                     dir.path(),
                     &fabric.netns,
                     &hosts,
-                    controller_addr,
+                    controller_addrs[0],
                     &sockets,
                 )?;
                 (tokio::runtime::Runtime::new()?, children)
@@ -181,7 +193,7 @@ impl LocalCluster {
                     prefix: run.prefix(),
                     fabric: &fabric.netns,
                     hosts: &hosts,
-                    controller: controller_addr,
+                    controller: controller_addrs[0],
                     token: &token,
                     sockets: &sockets,
                 };
@@ -198,7 +210,7 @@ impl LocalCluster {
             hosts,
             fabric,
             token,
-            controller_addr,
+            controller_addrs,
             relay_addr,
             sockets,
             dir,
@@ -211,7 +223,9 @@ impl LocalCluster {
                 let relay = tokio::net::TcpListener::bind(relay_addr)
                     .await
                     .with_context(|| format!("relay on {relay_addr}"))?;
-                tokio::spawn(relay::relay_loop(relay, fabric_ns, controller_addr));
+                let targets = cluster.controller_addrs.clone();
+                let token = cluster.token.clone();
+                tokio::spawn(relay::relay_loop(relay, fabric_ns, targets, token));
             }
             tenants::wait_for_nodes(&api, opts.nodes, Duration::from_secs(30)).await
         })?;
@@ -221,11 +235,32 @@ impl LocalCluster {
     /// A client of the controller, dialling inside the underlay.
     pub fn api(&self) -> Result<ApiClient> {
         let dial = self.fabric.netns.try_clone()?.tcp_dialer();
-        Ok(ApiClient::new(
-            self.controller_addr,
+        Ok(ApiClient::to_any(
+            self.controller_addrs.clone(),
             self.token.clone(),
             dial,
         ))
+    }
+
+    /// Every controller's address on the underlay (one but with [`Options::ha`]).
+    pub fn controller_addrs(&self) -> &[SocketAddr] {
+        &self.controller_addrs
+    }
+
+    /// Every controller process's address and pid (as running now).
+    pub fn controller_pids(&self) -> Vec<(SocketAddr, i32)> {
+        self.children
+            .iter()
+            .filter_map(processes::ChildGuard::controller)
+            .collect()
+    }
+
+    /// Every etcd member's name and pid (as running now).
+    pub fn etcd_pids(&self) -> Vec<(String, i32)> {
+        self.children
+            .iter()
+            .filter_map(processes::ChildGuard::etcd_member)
+            .collect()
     }
 
     pub fn prefix(&self) -> &RunPrefix {
@@ -243,9 +278,9 @@ impl LocalCluster {
         self.dir.token_file()
     }
 
-    /// The controller's address on the underlay.
+    /// The (first) controller's address on the underlay.
     pub fn controller_addr(&self) -> SocketAddr {
-        self.controller_addr
+        self.controller_addrs[0]
     }
 
     /// Where the controller is relayed on 127.0.0.1, if it is.
