@@ -83,11 +83,20 @@ pub(crate) async fn relay_loop(
             continue; // over the cap: closed at once
         };
         let fabric = fabric.clone();
-        let target = targets[leader.load(Ordering::Relaxed) % targets.len()];
+        // The leader first, then the others (a dead leader refuses at once).
+        let first = leader.load(Ordering::Relaxed) % targets.len();
+        let order: Vec<SocketAddr> = (first..first + targets.len())
+            .map(|i| targets[i % targets.len()])
+            .collect();
         tokio::spawn(async move {
             let _permit = permit;
             let dialed = tokio::task::spawn_blocking(move || {
-                fabric.run_in(|| std::net::TcpStream::connect(target))
+                fabric.run_in(|| {
+                    order
+                        .iter()
+                        .find_map(|t| std::net::TcpStream::connect(t).ok())
+                        .ok_or_else(|| std::io::Error::other("no controller answers"))
+                })
             })
             .await;
             let Ok(Ok(Ok(outbound))) = dialed else {

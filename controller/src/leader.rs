@@ -39,6 +39,32 @@ struct Held {
     rev: i64,
 }
 
+/// The election, on a thread and runtime of its own (a controller's
+/// handlers block on store writes; a busy or stalled runtime must not delay
+/// the renewals), until the returned guard is dropped.
+pub fn spawn(c: Controller, etcd: Arc<EtcdClient>) -> std::io::Result<Election> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("election".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = run(c, etcd) => {}
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok(Election { _stop: stop })
+}
+
+/// Stops the election when dropped.
+pub struct Election {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
 /// Runs the election until dropped.
 pub async fn run(c: Controller, etcd: Arc<EtcdClient>) {
     let me = c.advertise().to_string();

@@ -383,15 +383,6 @@ impl Controller {
     }
 }
 
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Serves the API on `listener` until the returned future is dropped or the
 /// server fails. Also runs the expiry loop: every [`EXPIRY_INTERVAL`] nodes
 /// silent for longer than `heartbeat_timeout` are removed, so removal happens
@@ -415,12 +406,11 @@ pub async fn serve_with_shutdown(
     let controller = Controller::new(&config)?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %config.listen, %local, store = ?config.store, "controller serving");
-    // With etcd, the election runs beside the server and dies with it.
-    let election = controller.etcd().map(|etcd| {
-        let client = etcd.client().clone();
-        tokio::spawn(leader::run(controller.clone(), client))
-    });
-    let _election = election.map(AbortOnDrop);
+    // With etcd, the election runs beside the server and stops with it.
+    let _election = match controller.etcd() {
+        Some(etcd) => Some(leader::spawn(controller.clone(), etcd.client().clone())?),
+        None => None,
+    };
     let app = router(controller.clone());
     // Both in one future: dropping `serve` also stops the expiry loop, so
     // an aborted controller never writes the store again.

@@ -31,8 +31,9 @@ use super::{Backend, Record, StoreError};
 use crate::state::Snapshot;
 use particle_wire::client::{ApiClient, ClientError, Method};
 
-/// One attempt at one endpoint.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// One attempt at one endpoint (a hung member costs this once: the next
+/// calls start from the endpoint that answered).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// All attempts of one call, across endpoints.
 const CALL_TIMEOUT: Duration = Duration::from_secs(4);
 /// etcd refuses requests over 1.5 MiB by default: records are written in
@@ -101,6 +102,8 @@ pub fn kvs_of(range: &Value) -> Result<Vec<Kv>, StoreError> {
 pub struct EtcdClient {
     endpoints: Vec<SocketAddr>,
     prefix: String,
+    /// The endpoint that answered last: tried first.
+    preferred: std::sync::atomic::AtomicUsize,
 }
 
 impl EtcdClient {
@@ -108,6 +111,7 @@ impl EtcdClient {
         Self {
             endpoints,
             prefix: prefix.trim_end_matches('/').to_string(),
+            preferred: Default::default(),
         }
     }
 
@@ -129,8 +133,11 @@ impl EtcdClient {
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, StoreError> {
         let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
         let mut last = String::from("no endpoint");
+        let n = self.endpoints.len();
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
         for round in 0.. {
-            for endpoint in &self.endpoints {
+            for i in (first..first + n).map(|i| i % n) {
+                let endpoint = &self.endpoints[i];
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
                     return Err(StoreError::Unavailable(format!(
@@ -146,7 +153,11 @@ impl EtcdClient {
                 )
                 .await
                 {
-                    Ok(Ok(v)) => return Ok(v),
+                    Ok(Ok(v)) => {
+                        self.preferred
+                            .store(i, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(v);
+                    }
                     // A request etcd understood and refused is final.
                     Ok(Err(ClientError::Status { status, message }))
                         if status.is_client_error() =>

@@ -1,0 +1,212 @@
+//! Several controllers on etcd (`particle cluster up --controllers 3
+//! --store etcd`: a 3-member etcd cluster and three controllers in the
+//! underlay, real processes): the leader killed in the middle of a burst of
+//! 1,000, an etcd member killed, the whole etcd cluster stopped, and a
+//! controller of another cluster refused.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, eventually_within, Cluster};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// A cluster with three controllers on a three-member etcd.
+fn ha_cluster(nodes: usize, port: u16, underlay: &str, pool: usize) -> Cluster {
+    let pool = pool.to_string();
+    Cluster::up(
+        nodes,
+        port,
+        underlay,
+        &[
+            "--controllers",
+            "3",
+            "--store",
+            "etcd",
+            "--pool-size",
+            &pool,
+        ],
+    )
+}
+
+/// Launches `n` functions running `argv` without waiting; the job's id.
+fn launch(cluster: &Cluster, tenant: &str, n: usize, argv: &[&str]) -> Result<String, String> {
+    let out = cluster
+        .command(&["launch"])
+        .args([
+            "--tenant",
+            tenant,
+            "-n",
+            &n.to_string(),
+            "--detach",
+            "--json",
+        ])
+        .arg("--")
+        .args(argv)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(common::text(&out));
+    }
+    let job: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(job["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// The job once it has ended, as the leader of the moment reports it.
+fn ended_job(cluster: &Cluster, id: &str, secs: u64) -> Value {
+    let mut job = Value::Null;
+    eventually_within(secs, &format!("job {id} ends"), || {
+        let (status, body) = cluster.api("GET", &format!("/v1/jobs/{id}?wait_s=2"), "");
+        if status != 200 {
+            return false; // a takeover, or etcd away
+        }
+        job = serde_json::from_str(&body).unwrap();
+        job["state"] != "running"
+    });
+    job
+}
+
+fn all_exited_zero(job: &Value) -> bool {
+    job["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["state"] == "exited" && f["exit_code"] == 0)
+}
+
+#[test]
+fn the_leader_killed_mid_burst_of_1000_the_job_succeeds_and_a_new_leader_takes_over() {
+    let cluster = ha_cluster(3, 17_771, "10.221.0.0/24", 32);
+    // /22 blocks: a third of 1,000 functions per node.
+    let tenant =
+        r#"{"name":"h","vni":331,"subnet":"10.41.0.0/16","block_prefix":22,"warm_per_node":32}"#;
+    cluster.api_json("POST", "/v1/tenants", tenant, 201);
+    let (old_addr, old) = cluster.leader().expect("a controller leads");
+    let id = launch(&cluster, "h", 1000, &["/bin/sleep", "10"]).expect("the burst is accepted");
+    // The job was accepted and its functions run: the leader dies now.
+    kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    let mut new_leader = None;
+    eventually_within(20, "another controller leads", || {
+        new_leader = cluster.leader().filter(|(addr, _)| *addr != old_addr);
+        new_leader.is_some()
+    });
+    let takeover = killed.elapsed();
+    // A new job launches through the new leader within the takeover.
+    let next = loop {
+        match launch(&cluster, "h", 3, &["/bin/true"]) {
+            Ok(next) => break next,
+            Err(e) => assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "no launch after the takeover: {e}"
+            ),
+        }
+    };
+    let relaunch = killed.elapsed();
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    eprintln!("takeover {takeover:?}, next job accepted after {relaunch:?}");
+    assert_ne!(next, id, "job ids are never handed out twice");
+    assert_eq!(ended_job(&cluster, &next, 30)["state"], "succeeded");
+
+    // The new leader knew the burst from etcd and the agents' exit reports reached it.
+    let job = ended_job(&cluster, &id, 120);
+    assert_eq!(
+        job["state"],
+        "succeeded",
+        "{}",
+        &job.to_string()[..2000.min(job.to_string().len())]
+    );
+    assert_eq!(job["functions"].as_array().unwrap().len(), 1000);
+    assert!(all_exited_zero(&job));
+}
+
+#[test]
+fn an_etcd_member_down_stops_nothing() {
+    let cluster = ha_cluster(2, 17_772, "10.222.0.0/24", 4);
+    cluster.create_tenant("m", 332, "10.42.0.0/16", 4);
+    let members = cluster.etcd_pids();
+    assert_eq!(members.len(), 3, "{members:?}");
+    let (name, pid) = members[0].clone();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    // `cluster up` starts it again, as systemd would: keep it down (stopped).
+    let mut again = None;
+    eventually("the killed member is started again", || {
+        again = cluster
+            .etcd_pids()
+            .into_iter()
+            .find(|(n, p)| *n == name && *p != pid);
+        again.is_some()
+    });
+    let (_, again) = again.unwrap();
+    kill(Pid::from_raw(again), Signal::SIGSTOP).unwrap();
+    // Writes, launches and job ends go on with two of three members.
+    let body = r#"{"name":"m2","vni":333,"subnet":"10.43.0.0/16"}"#;
+    cluster.api_json("POST", "/v1/tenants", body, 201);
+    let id = launch(&cluster, "m", 6, &["/bin/true"]).expect("a launch with a member down");
+    assert_eq!(ended_job(&cluster, &id, 30)["state"], "succeeded");
+    kill(Pid::from_raw(again), Signal::SIGCONT).unwrap();
+}
+
+#[test]
+fn etcd_down_writes_are_refused_with_503_and_functions_keep_their_network() {
+    let cluster = ha_cluster(2, 17_773, "10.223.0.0/24", 4);
+    cluster.create_tenant("d", 334, "10.44.0.0/16", 4);
+    // Each function pings the next rank's address twice a second for 20 s:
+    // one lost reply and it fails.
+    let script = r#"IFS=, read -ra p <<< "$PARTICLE_PEERS"; n=${#p[@]}; peer=${p[$(( (PARTICLE_RANK + 1) % n ))]%:*}; for i in $(seq 40); do ping -c1 -W2 "$peer" >/dev/null || exit 1; sleep 0.5; done"#;
+    let id = launch(&cluster, "d", 4, &["/bin/bash", "-c", script]).expect("launch");
+    std::thread::sleep(Duration::from_secs(2));
+    let members = cluster.etcd_pids();
+    assert_eq!(members.len(), 3, "{members:?}");
+    for (_, pid) in &members {
+        kill(Pid::from_raw(*pid), Signal::SIGSTOP).unwrap();
+    }
+    let body = r#"{"name":"x","vni":335,"subnet":"10.45.0.0/16"}"#;
+    let (status, answer) = cluster.api("POST", "/v1/tenants", body);
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("etcd"), "the refusal says why: {answer}");
+    // Longer than the leader's lease: every controller refuses, clearly.
+    std::thread::sleep(Duration::from_secs(6));
+    let (status, answer) = cluster.api("POST", "/v1/tenants", body);
+    assert_eq!(status, 503, "{answer}");
+    assert!(answer.contains("etcd"), "{answer}");
+    for (_, pid) in &members {
+        kill(Pid::from_raw(*pid), Signal::SIGCONT).unwrap();
+    }
+    // The functions kept their network all along; their exits, reported
+    // again until a controller could store them, end the job.
+    let job = ended_job(&cluster, &id, 60);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    eventually_within(30, "writes are accepted again", || {
+        cluster.api("POST", "/v1/tenants", body).0 == 201
+    });
+}
+
+#[test]
+fn a_controller_refuses_an_etcd_holding_another_clusters_state() {
+    let cluster = ha_cluster(1, 17_774, "10.224.0.0/24", 2);
+    let (_, etcd) = cluster.etcd_pids()[0].clone();
+    let out = common::particle()
+        .args(["controller", "--netns", &format!("/proc/{etcd}/ns/net")])
+        .args(["--listen", "10.224.0.1:17799", "--token-file"])
+        .arg(&cluster.token_file)
+        .args([
+            "--store",
+            "etcd://10.224.0.1:2379",
+            "--cluster-id",
+            "another-cluster",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", common::text(&out));
+    let text = common::text(&out);
+    assert!(
+        text.contains("refusing to start") && text.contains("another-cluster"),
+        "{text}"
+    );
+}
