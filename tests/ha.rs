@@ -210,3 +210,85 @@ fn a_controller_refuses_an_etcd_holding_another_clusters_state() {
         "{text}"
     );
 }
+
+/// Puts `PREFIX/leader` anew, as an election does; its create revision.
+fn new_leader_key(
+    rt: &tokio::runtime::Runtime,
+    client: &particle_controller::store::etcd::EtcdClient,
+) -> i64 {
+    use base64::Engine;
+    let key = client.key("leader");
+    let b64 = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
+    let delete = serde_json::json!({ "request_delete_range": { "key": b64(&key) } });
+    let put = particle_controller::store::etcd::put(&key, b"test", 0);
+    rt.block_on(client.txn(vec![], vec![delete, put], vec![]))
+        .unwrap();
+    rt.block_on(client.range(&key, false)).unwrap()[0].create_revision
+}
+
+#[test]
+fn two_writers_of_one_state_revision_never_both_commit_and_a_deposed_leader_writes_nothing() {
+    use particle_controller::state::Snapshot;
+    use particle_controller::store::etcd::{EtcdClient, EtcdStore};
+    use particle_controller::store::{Backend, StoreError};
+    use std::sync::Arc;
+
+    let cluster = ha_cluster(1, 17_775, "10.225.0.0/24", 2);
+    let (_, etcd) = cluster.etcd_pids()[0].clone();
+    let underlay = particle_net::NetNs::open(format!("/proc/{etcd}/ns/net")).unwrap();
+    // Inside the underlay (the client's threads are born there); under a
+    // prefix of its own, beside the cluster's.
+    underlay
+        .run_in(|| {
+            let prefix = format!("/particle-fence-test-{}", std::process::id());
+            let endpoint = "10.225.0.1:2379".parse().unwrap();
+            let client = Arc::new(EtcdClient::new(vec![endpoint], &prefix));
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let wait = Duration::from_secs(10);
+            let a = EtcdStore::connect(client.clone(), "fence-test", wait).unwrap();
+            let b = EtcdStore::connect(client.clone(), "fence-test", wait).unwrap();
+            let rev = new_leader_key(&rt, &client);
+            a.set_fence(Some(rev));
+            b.set_fence(Some(rev));
+            assert!(a.load_state().unwrap().is_none());
+            assert!(b.load_state().unwrap().is_none());
+            let with_vni = |vni: u32| Snapshot {
+                version: 1,
+                tenants: vec![particle_wire::api::Tenant {
+                    name: "t".into(),
+                    vni,
+                    subnet: "10.1.0.0/16".into(),
+                    block_prefix: 24,
+                    warm_per_node: None,
+                    blocks: Default::default(),
+                }],
+                nodes: vec![],
+            };
+            // Both allocate from the same revision (a split brain): one commits.
+            a.save_state(&with_vni(10)).unwrap();
+            assert!(matches!(b.save_state(&with_vni(11)), Err(StoreError::NotLeader)));
+            assert!(b.take_refused(), "the refused writer is told to step down");
+            assert_eq!(b.load_state().unwrap().unwrap().tenants[0].vni, 10);
+            // A new election: the deposed leader writes nothing, not even a record.
+            let next = new_leader_key(&rt, &client);
+            let record = vec![("next".to_string(), b"7".to_vec())];
+            assert!(matches!(a.write_records(&[], record.clone()), Err(StoreError::NotLeader)));
+            assert!(matches!(a.save_state(&with_vni(12)), Err(StoreError::NotLeader)));
+            b.set_fence(Some(next));
+            b.write_records(&[], record).unwrap();
+            assert_eq!(b.records("next").unwrap()[0].1, b"7");
+            // A follower (no fence) writes nothing either.
+            a.set_fence(None);
+            assert!(matches!(a.write_records(&[], vec![]), Ok(())));
+            assert!(a.write_records(&["x".into()], vec![]).is_err());
+            // Leave nothing behind.
+            let all = serde_json::json!({
+                "request_delete_range": {
+                    "key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, prefix.as_bytes()),
+                    "range_end": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{prefix}0").as_bytes()),
+                }
+            });
+            rt.block_on(client.txn(vec![], vec![all], vec![])).unwrap();
+        })
+        .unwrap();
+}

@@ -11,6 +11,10 @@
 //! etcd and serves. Takeover after a leader dies: at most the TTL plus a poll
 //! (about 3.5 s), plus the load.
 //!
+//! A fenced write refused while leading (another controller wrote: only a
+//! split brain does that) makes the leader give its key up: the next
+//! winner reloads what etcd holds.
+//!
 //! etcd unreachable: the leader keeps serving what needs no write (long
 //! polls, heartbeats, reads) and refuses writes (503); once it has not
 //! renewed for a whole TTL it follows nobody (every request 503) until etcd
@@ -179,8 +183,13 @@ async fn lead(c: &Controller, etcd: &EtcdClient, held: Held) -> Option<Held> {
                 }
             }
         }
-        if let Err(StoreError::NotLeader) = check_key(etcd, held).await {
+        let refused = c.etcd().is_some_and(|store| store.take_refused());
+        if refused || matches!(check_key(etcd, held).await, Err(StoreError::NotLeader)) {
+            // Someone else wrote or leads: give the key up; whoever wins next
+            // (perhaps this one) starts from what etcd holds.
+            tracing::warn!("a write was fenced off or the key is gone: stepping down");
             c.follow(None);
+            let _ = etcd.lease_revoke(held.lease).await;
             return None;
         }
     }

@@ -51,12 +51,15 @@ pub const DEFAULT_FUNCTION_PORT: u16 = 7000;
 /// Ended jobs kept in the store (all retained ones stay in memory).
 const STORED_ENDED_JOBS: usize = 32;
 
+/// Node → its agent.
+type Agents = BTreeMap<String, SocketAddr>;
+
 struct JobRecord {
     job: Job,
     /// Wall clock, so a restarted controller still knows the job's age.
     started_unix_ms: u64,
     /// Node → its agent, for cancel and output.
-    agents: BTreeMap<String, SocketAddr>,
+    agents: Agents,
     /// Node → the agent instance that holds the job's functions there; an
     /// agent registering with another instance has lost them.
     instances: BTreeMap<String, String>,
@@ -159,9 +162,6 @@ impl Jobs {
         let Some(r) = t.jobs.get_mut(id) else {
             return Ok(false);
         };
-        if changes.is_empty() {
-            return Ok(false);
-        }
         let changes: Vec<Change> = (changes.into_iter())
             .filter(|c| {
                 (r.job.functions.get(c.rank)).is_some_and(|f| f.state == FunctionState::Running)
@@ -330,7 +330,9 @@ impl Jobs {
     /// reports again).
     pub fn record_exits(&self, node: &str, exits: Vec<FunctionExit>) -> Result<(), StoreError> {
         let mut t = self.lock();
-        let mut by_job: BTreeMap<String, (Vec<Change>, Vec<(usize, String)>)> = BTreeMap::new();
+        // Per job: the changes, and each function's output (kept in memory only).
+        type Reported = (Vec<Change>, Vec<(usize, String)>);
+        let mut by_job: BTreeMap<String, Reported> = BTreeMap::new();
         for exit in exits {
             let Some(r) = t.jobs.get(&exit.job) else {
                 continue; // a job this controller forgot (restart) or dropped
@@ -391,7 +393,7 @@ impl Jobs {
     }
 
     /// Marks what still runs as cancelled; returns the job's agents to tell.
-    fn cancel(&self, id: &str) -> Result<Option<(Job, BTreeMap<String, SocketAddr>)>, StoreError> {
+    fn cancel(&self, id: &str) -> Result<Option<(Job, Agents)>, StoreError> {
         let mut t = self.lock();
         let Some(r) = t.jobs.get_mut(id) else {
             return Ok(None);
@@ -509,118 +511,4 @@ pub async fn cancel(c: &Controller, id: &str) -> Result<Job, HttpError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn running_job(jobs: &Jobs, id: &str, instance: &str) {
-        let functions = (0..4)
-            .map(|rank| FunctionStatus {
-                rank,
-                node: format!("n{}", rank % 2),
-                address: None,
-                state: FunctionState::Running,
-                exit_code: None,
-                cold: false,
-                bound: false,
-                error: None,
-                output: None,
-                reason: None,
-            })
-            .collect();
-        jobs.register(JobRecord {
-            job: Job {
-                id: id.into(),
-                tenant: "t".into(),
-                state: JobState::Running,
-                functions,
-                warm: 4,
-                bound: 0,
-                cold: 0,
-                launch_ms: 1.0,
-                duration_ms: None,
-            },
-            started_unix_ms: unix_ms(),
-            agents: ["n0", "n1"]
-                .map(|n| (n.to_string(), SocketAddr::from(([10, 0, 0, 1], 9101))))
-                .into(),
-            instances: [("n0", instance), ("n1", instance)]
-                .map(|(n, i)| (n.to_string(), i.to_string()))
-                .into(),
-            seq: 0,
-        })
-        .unwrap();
-    }
-
-    fn exit(job: &str, rank: usize, code: i32) -> FunctionExit {
-        FunctionExit {
-            job: job.into(),
-            rank,
-            exit_code: Some(code),
-            error: None,
-            output: "out".into(),
-            reason: None,
-        }
-    }
-
-    #[test]
-    fn a_restarted_agent_loses_only_its_own_running_functions() {
-        let jobs = Jobs::default();
-        running_job(&jobs, "j1", "first");
-        jobs.agent_registered("n1", "first"); // a re-registration: nothing lost
-        assert_eq!(jobs.get("j1").unwrap().state, JobState::Running);
-        jobs.record_exits("n0", vec![exit("j1", 0, 0)]).unwrap();
-        jobs.agent_registered("n0", "second"); // n0 restarted
-        let job = jobs.get("j1").unwrap();
-        let states: Vec<_> = job.functions.iter().map(|f| f.state).collect();
-        use FunctionState::*;
-        assert_eq!(states, [Exited, Running, Lost, Running]);
-        assert!(job.functions[2]
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("restarted"));
-        jobs.record_exits("n1", vec![exit("j1", 1, 0), exit("j1", 3, 0)])
-            .unwrap();
-        assert_eq!(jobs.get("j1").unwrap().state, JobState::Failed);
-    }
-
-    #[test]
-    fn jobs_survive_a_restart_without_their_output() {
-        let dir = std::env::temp_dir().join(format!("particle-jobs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = || -> Arc<dyn Backend> {
-            Arc::new(crate::store::JsonStore::open(&dir.join("state.json")).unwrap())
-        };
-        let jobs = Jobs::new(Some(store()));
-        let id = jobs.new_id().unwrap();
-        running_job(&jobs, "j1", "a");
-        jobs.record_exits("n0", vec![exit("j1", 0, 0)]).unwrap();
-        let next = jobs.lock().next;
-        drop(jobs);
-
-        let again = Jobs::new(Some(store()));
-        again.reload().unwrap();
-        let job = again.get("j1").expect("the running job is restored");
-        assert_eq!(job.state, JobState::Running);
-        assert_eq!(job.functions[0].state, FunctionState::Exited);
-        assert_eq!(job.functions[0].output, None, "output is not stored");
-        assert_eq!(again.lock().next, next, "ids go on where they stopped");
-        assert_ne!(again.new_id().unwrap(), id);
-        // Exits reported after the restart find the job and end it.
-        again
-            .record_exits("n1", vec![exit("j1", 1, 0), exit("j1", 3, 1)])
-            .unwrap();
-        again.record_exits("n0", vec![exit("j1", 2, 0)]).unwrap();
-        let ended = again.get("j1").unwrap();
-        assert_eq!(ended.state, JobState::Failed);
-        assert_eq!(ended.functions[3].exit_code, Some(1));
-        drop(again);
-        // The end is stored too, and each change was one small record.
-        let third = Jobs::new(Some(store()));
-        third.reload().unwrap();
-        assert_eq!(third.get("j1").unwrap().state, JobState::Failed);
-        let log = std::fs::read_to_string(dir.join("state.json.jobs.log")).unwrap();
-        assert_eq!(log.lines().count(), 1, "compacted at start");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

@@ -323,6 +323,9 @@ pub struct EtcdStore {
     fence: Mutex<Option<i64>>,
     /// `state`'s mod revision as last read or written.
     state_rev: Mutex<i64>,
+    /// A fenced write was refused while this controller believed it led:
+    /// another one wrote (or leads); [`crate::leader`] steps down.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl EtcdStore {
@@ -338,6 +341,7 @@ impl EtcdStore {
             bridge: Bridge::new().map_err(|e| StoreError::Unavailable(e.to_string()))?,
             fence: Mutex::new(None),
             state_rev: Mutex::new(0),
+            refused: Default::default(),
         };
         let deadline = std::time::Instant::now() + wait;
         loop {
@@ -363,6 +367,14 @@ impl EtcdStore {
     /// revision every write is fenced on.
     pub fn set_fence(&self, leader_rev: Option<i64>) {
         *self.fence.lock().unwrap_or_else(PoisonError::into_inner) = leader_rev;
+        self.refused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a write was refused since the last call (and forgets it).
+    pub fn take_refused(&self) -> bool {
+        self.refused
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn fence(&self) -> Result<Value, StoreError> {
@@ -379,6 +391,8 @@ impl EtcdStore {
         if ok {
             Ok(answer)
         } else {
+            self.refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             Err(StoreError::NotLeader)
         }
     }
