@@ -31,41 +31,10 @@ fn ha_cluster(nodes: usize, port: u16, underlay: &str, pool: usize) -> Cluster {
     )
 }
 
-/// Launches `n` functions running `argv` without waiting; the job's id.
+/// Launches without waiting; the job's id, or why not.
 fn launch(cluster: &Cluster, tenant: &str, n: usize, argv: &[&str]) -> Result<String, String> {
-    let out = cluster
-        .command(&["launch"])
-        .args([
-            "--tenant",
-            tenant,
-            "-n",
-            &n.to_string(),
-            "--detach",
-            "--json",
-        ])
-        .arg("--")
-        .args(argv)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(common::text(&out));
-    }
-    let job: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let job = cluster.try_launch_detached(tenant, n, argv)?;
     Ok(job["id"].as_str().unwrap_or_default().to_string())
-}
-
-/// The job once it has ended, as the leader of the moment reports it.
-fn ended_job(cluster: &Cluster, id: &str, secs: u64) -> Value {
-    let mut job = Value::Null;
-    eventually_within(secs, &format!("job {id} ends"), || {
-        let (status, body) = cluster.api("GET", &format!("/v1/jobs/{id}?wait_s=2"), "");
-        if status != 200 {
-            return false; // a takeover, or etcd away
-        }
-        job = serde_json::from_str(&body).unwrap();
-        job["state"] != "running"
-    });
-    job
 }
 
 fn all_exited_zero(job: &Value) -> bool {
@@ -111,10 +80,10 @@ fn the_leader_killed_mid_burst_of_1000_the_job_succeeds_and_a_new_leader_takes_o
     );
     eprintln!("takeover {takeover:?}, next job accepted after {relaunch:?}");
     assert_ne!(next, id, "job ids are never handed out twice");
-    assert_eq!(ended_job(&cluster, &next, 30)["state"], "succeeded");
+    assert_eq!(cluster.ended_job(&next, 30)["state"], "succeeded");
 
     // The new leader knew the burst from etcd and the agents' exit reports reached it.
-    let job = ended_job(&cluster, &id, 120);
+    let job = cluster.ended_job(&id, 120);
     assert_eq!(
         job["state"],
         "succeeded",
@@ -148,7 +117,7 @@ fn an_etcd_member_down_stops_nothing() {
     let body = r#"{"name":"m2","vni":333,"subnet":"10.43.0.0/16"}"#;
     cluster.api_json("POST", "/v1/tenants", body, 201);
     let id = launch(&cluster, "m", 6, &["/bin/true"]).expect("a launch with a member down");
-    assert_eq!(ended_job(&cluster, &id, 30)["state"], "succeeded");
+    assert_eq!(cluster.ended_job(&id, 30)["state"], "succeeded");
     kill(Pid::from_raw(again), Signal::SIGCONT).unwrap();
 }
 
@@ -180,7 +149,7 @@ fn etcd_down_writes_are_refused_with_503_and_functions_keep_their_network() {
     }
     // The functions kept their network all along; their exits, reported
     // again until a controller could store them, end the job.
-    let job = ended_job(&cluster, &id, 60);
+    let job = cluster.ended_job(&id, 60);
     assert_eq!(job["state"], "succeeded", "{job}");
     eventually_within(30, "writes are accepted again", || {
         cluster.api("POST", "/v1/tenants", body).0 == 201
@@ -221,8 +190,10 @@ fn new_leader_key(
     let b64 = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
     let delete = serde_json::json!({ "request_delete_range": { "key": b64(&key) } });
     let put = particle_controller::store::etcd::put(&key, b"test", 0);
-    rt.block_on(client.txn(vec![], vec![delete, put], vec![]))
+    // Two transactions: etcd refuses a key twice in one.
+    rt.block_on(client.txn(vec![], vec![delete], vec![]))
         .unwrap();
+    rt.block_on(client.txn(vec![], vec![put], vec![])).unwrap();
     rt.block_on(client.range(&key, false)).unwrap()[0].create_revision
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use particle_cluster::{tenants, Ha, LocalCluster, Options};
-use particle_wire::api::{CreateTenant, FunctionCommand, Job, JobState, LaunchJob};
+use particle_wire::api::{CreateTenant, Job, JobState, LaunchJob};
 use particle_wire::client::{ApiClient, Method};
 use serde::Serialize;
 
@@ -55,20 +55,11 @@ pub struct FailoverReport {
 const TENANT: &str = "failover";
 
 fn launch_request(functions: usize, argv: &[&str]) -> LaunchJob {
-    LaunchJob {
-        tenant: TENANT.into(),
+    LaunchJob::of(
+        TENANT,
         functions,
-        command: FunctionCommand {
-            argv: argv.iter().map(|a| a.to_string()).collect(),
-            env: Default::default(),
-        },
-        placement: Default::default(),
-        runtime: Default::default(),
-        port: None,
-        limits: Default::default(),
-        image: None,
-        output_dir: None,
-    }
+        argv.iter().map(|a| a.to_string()).collect(),
+    )
 }
 
 /// The leading controller's pid, asking each one.

@@ -227,6 +227,58 @@ impl Cluster {
         serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null)
     }
 
+    /// Launches `n` functions of `tenant` running `argv` without waiting
+    /// for them: the job as accepted, or why the launch failed.
+    pub fn try_launch_detached(
+        &self,
+        tenant: &str,
+        n: usize,
+        argv: &[&str],
+    ) -> Result<serde_json::Value, String> {
+        let out = self
+            .command(&["launch"])
+            .args([
+                "--tenant",
+                tenant,
+                "-n",
+                &n.to_string(),
+                "--detach",
+                "--json",
+            ])
+            .arg("--")
+            .args(argv)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
+    }
+
+    /// [`Self::try_launch_detached`], which must succeed; the job's id.
+    pub fn launch_detached(&self, tenant: &str, n: usize, argv: &[&str]) -> String {
+        let job = self
+            .try_launch_detached(tenant, n, argv)
+            .unwrap_or_else(|e| panic!("launching: {e}"));
+        assert_eq!(job["state"], "running", "{job}");
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    /// The job once it has ended (waiting up to `secs`), as the controller
+    /// that answers then reports it (it may be restarting, or taking over).
+    pub fn ended_job(&self, id: &str, secs: u64) -> serde_json::Value {
+        let mut job = serde_json::Value::Null;
+        eventually_within(secs, &format!("job {id} ends"), || {
+            let (status, body) = self.api("GET", &format!("/v1/jobs/{id}?wait_s=2"), "");
+            if status != 200 {
+                return false;
+            }
+            job = serde_json::from_str(&body).unwrap();
+            job["state"] != "running"
+        });
+        job
+    }
+
     /// Creates a tenant with `warm` endpoints per node.
     pub fn create_tenant(&self, name: &str, vni: u32, subnet: &str, warm: usize) {
         let body = format!(
