@@ -236,6 +236,9 @@ mod fuzz {
         "listen",
         "token_file",
         "state_file",
+        "store",
+        "cluster_id",
+        "advertise",
         "heartbeat_timeout",
         "netns",
     ];

@@ -85,6 +85,15 @@ pub(crate) fn start_etcd(
             "new".into(),
             "--initial-cluster-token".into(),
             token.clone(),
+            // Twice etcd's defaults: three members and three controllers
+            // share a busy machine's cores with the nodes, and a member
+            // that misses heartbeats must not start elections all the time.
+            // (The shortest lease is then 1.5 x 10 ticks x 200 ms = 3 s,
+            // the leader's.)
+            "--heartbeat-interval".into(),
+            "200".into(),
+            "--election-timeout".into(),
+            "2000".into(),
         ]
         .into();
         let log = dir.join(format!("etcd-m{i}.log"));

@@ -2,11 +2,16 @@
 use super::*;
 
 fn running_job(jobs: &Jobs, id: &str, instance: &str) {
-    let functions = (0..4)
+    jobs.register(record(id, 4, instance)).unwrap();
+}
+
+/// A running job of `n` functions over two nodes.
+fn record(id: &str, n: usize, instance: &str) -> JobRecord {
+    let functions = (0..n)
         .map(|rank| FunctionStatus {
             rank,
             node: format!("n{}", rank % 2),
-            address: None,
+            address: Some(std::net::Ipv4Addr::from(0x0a01_0000 + rank as u32)),
             state: FunctionState::Running,
             exit_code: None,
             cold: false,
@@ -16,13 +21,13 @@ fn running_job(jobs: &Jobs, id: &str, instance: &str) {
             reason: None,
         })
         .collect();
-    jobs.register(JobRecord {
+    JobRecord {
         job: Job {
             id: id.into(),
             tenant: "t".into(),
             state: JobState::Running,
             functions,
-            warm: 4,
+            warm: n,
             bound: 0,
             cold: 0,
             launch_ms: 1.0,
@@ -36,8 +41,7 @@ fn running_job(jobs: &Jobs, id: &str, instance: &str) {
             .map(|(n, i)| (n.to_string(), i.to_string()))
             .into(),
         seq: 0,
-    })
-    .unwrap();
+    }
 }
 
 fn exit(job: &str, rank: usize, code: i32) -> FunctionExit {
@@ -111,4 +115,48 @@ fn jobs_survive_a_restart_without_their_output() {
     let log = std::fs::read_to_string(dir.join("state.json.jobs.log")).unwrap();
     assert_eq!(log.lines().count(), 1, "compacted at start");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_large_job_is_stored_once_in_chunks_and_each_change_is_small() {
+    let mut job = record("big", 100_000, "a");
+    let launch = records::launch_records(&job);
+    let total: usize = launch.iter().map(|(_, v)| v.len()).sum();
+    let largest = launch.iter().map(|(_, v)| v.len()).max().unwrap();
+    // Once, at launch; each record well under etcd's 1.5 MiB request limit.
+    assert!(total < 3_000_000, "{total} bytes at launch");
+    assert!(largest < 200_000, "{largest} bytes in one record");
+    // A report of 1,000 clean exits, and 10 that failed.
+    let mut changes: Vec<Change> = (0..1000)
+        .map(|rank| Change {
+            rank,
+            state: FunctionState::Exited,
+            code: Some(0),
+            error: None,
+            reason: None,
+        })
+        .collect();
+    changes.extend((1000..1010).map(|rank| Change {
+        rank,
+        state: FunctionState::Exited,
+        code: Some(3),
+        error: Some("boom".into()),
+        reason: None,
+    }));
+    let delta = records::delta_record("big", 0, &changes);
+    assert!(
+        delta.1.len() < 6_000,
+        "{} bytes for 1,010 exits",
+        delta.1.len()
+    );
+    // And they read back as the same job.
+    let mut stored = launch;
+    stored.push(delta);
+    let (jobs, _) = records::load(stored);
+    for c in &changes {
+        c.apply(&mut job.job.functions[c.rank]);
+    }
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].job, job.job);
+    assert_eq!(jobs[0].seq, 1);
 }
