@@ -186,6 +186,14 @@ impl Controller {
                 calls: Mutex::new(BTreeMap::new()),
             }),
         };
+        if let Some(StoreSpec::Json(path)) = &config.store {
+            let mut legacy = path.as_os_str().to_owned();
+            legacy.push(".jobs");
+            controller
+                .inner
+                .jobs
+                .import_legacy(std::path::Path::new(&legacy))?;
+        }
         if controller.inner.etcd.is_none() {
             controller.reload()?;
         }

@@ -147,6 +147,48 @@ impl Jobs {
         Ok(())
     }
 
+    /// Moves the jobs file earlier versions wrote (`STATE.jobs`: the whole
+    /// table in one JSON object, rewritten on every change) into the store,
+    /// once: it is renamed `STATE.jobs.imported` after. Whether there was one.
+    pub fn import_legacy(&self, file: &std::path::Path) -> Result<bool, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Legacy {
+            next: u64,
+            jobs: BTreeMap<String, LegacyRecord>,
+        }
+        #[derive(serde::Deserialize)]
+        struct LegacyRecord {
+            job: Job,
+            started_unix_ms: u64,
+            agents: Agents,
+            #[serde(default)]
+            instances: BTreeMap<String, String>,
+        }
+        let Ok(bytes) = std::fs::read(file) else {
+            return Ok(false);
+        };
+        let legacy: Legacy =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse {
+                path: file.to_path_buf(),
+                source,
+            })?;
+        let mut puts = vec![records::next_record(legacy.next)];
+        for (_, r) in legacy.jobs {
+            puts.extend(records::all_records(&JobRecord {
+                job: r.job,
+                started_unix_ms: r.started_unix_ms,
+                agents: r.agents,
+                instances: r.instances,
+                seq: 0,
+            }));
+        }
+        self.persist(&[], puts)?;
+        let done = file.with_extension("jobs.imported");
+        std::fs::rename(file, &done).map_err(|source| StoreError::Write { path: done, source })?;
+        tracing::info!(file = %file.display(), "imported the jobs file of an earlier version");
+        Ok(true)
+    }
+
     /// Writes to the store (if any), in the order calls are made under the table lock.
     fn persist(&self, delete: &[String], puts: Vec<Record>) -> Result<(), StoreError> {
         match &self.store {

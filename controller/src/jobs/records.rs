@@ -150,6 +150,41 @@ pub(super) fn launch_records(r: &JobRecord) -> Vec<Record> {
     records
 }
 
+/// Every record of a job in any state (as [`load`] reads it back): its
+/// functions as launched, one delta with what became of them, its header.
+pub(super) fn all_records(r: &JobRecord) -> Vec<Record> {
+    let mut launched = JobRecord {
+        job: r.job.clone(),
+        started_unix_ms: r.started_unix_ms,
+        agents: r.agents.clone(),
+        instances: r.instances.clone(),
+        seq: 0,
+    };
+    let mut changes = Vec::new();
+    for f in &mut launched.job.functions {
+        let as_launched = f.state == FunctionState::Running
+            || (f.state == FunctionState::Failed && f.error.is_some() && f.exit_code.is_none());
+        if as_launched {
+            continue;
+        }
+        changes.push(Change {
+            rank: f.rank,
+            state: f.state,
+            code: f.exit_code,
+            error: f.error.take(),
+            reason: f.reason.take(),
+        });
+        f.state = FunctionState::Running;
+    }
+    let mut records = launch_records(&launched);
+    records.pop(); // the header, as launched
+    if !changes.is_empty() {
+        records.push(delta_record(&r.job.id, 0, &changes));
+    }
+    records.push(header_record(r));
+    records
+}
+
 pub(super) fn delta_record(id: &str, seq: u64, changes: &[Change]) -> Record {
     let mut delta = Delta::default();
     for c in changes {

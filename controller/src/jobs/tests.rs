@@ -160,3 +160,48 @@ fn a_large_job_is_stored_once_in_chunks_and_each_change_is_small() {
     assert_eq!(jobs[0].job, job.job);
     assert_eq!(jobs[0].seq, 1);
 }
+
+#[test]
+fn the_jobs_file_of_an_earlier_version_is_imported_once() {
+    let dir = std::env::temp_dir().join(format!("particle-legacy-jobs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut running = record("j1", 4, "a");
+    running.job.functions[0].state = FunctionState::Exited;
+    running.job.functions[0].exit_code = Some(0);
+    let mut ended = record("j2", 2, "a");
+    for f in &mut ended.job.functions {
+        f.state = FunctionState::Exited;
+        f.exit_code = Some(1);
+    }
+    ended.job.state = JobState::Failed;
+    let entry = |r: &JobRecord| {
+        serde_json::json!({
+            "job": r.job, "started_unix_ms": r.started_unix_ms,
+            "agents": r.agents, "instances": r.instances,
+        })
+    };
+    // What the earlier jobs file held: the whole table.
+    let legacy = serde_json::json!({
+        "next": 9,
+        "jobs": { "j1": entry(&running), "j2": entry(&ended) },
+        "ended": ["j2"],
+    });
+    let file = dir.join("state.json.jobs");
+    std::fs::write(&file, legacy.to_string()).unwrap();
+    let store: Arc<dyn Backend> =
+        Arc::new(crate::store::JsonStore::open(&dir.join("state.json")).unwrap());
+    let jobs = Jobs::new(Some(store.clone()));
+    assert!(jobs.import_legacy(&file).unwrap());
+    assert!(!file.exists() && dir.join("state.json.jobs.imported").exists());
+    assert!(!jobs.import_legacy(&file).unwrap(), "once");
+    jobs.reload().unwrap();
+    assert_eq!(jobs.get("j1").unwrap(), running.job);
+    assert_eq!(jobs.get("j2").unwrap(), ended.job);
+    assert_eq!(jobs.lock().next, 9);
+    // The running one goes on: its last exits end it.
+    let exits = (1..4).map(|rank| exit("j1", rank, 0)).collect();
+    jobs.record_exits("n1", exits).unwrap_or_default();
+    jobs.record_exits("n0", vec![exit("j1", 2, 0)]).unwrap();
+    assert_eq!(jobs.get("j1").unwrap().state, JobState::Succeeded);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
