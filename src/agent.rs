@@ -24,10 +24,10 @@ pub struct AgentSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
-    /// The controller's address (host:port).
+    /// The controller's address (host:port), or several (`a:7700,b:7700`): the agent follows their leader.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub controller: Option<SocketAddr>,
+    pub controller: Option<particle_wire::client::Controllers>,
     /// File holding the controller's bearer token.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -127,8 +127,8 @@ impl AgentSettings {
         required(&self.node, "node").map(String::as_str)
     }
 
-    pub fn controller(&self) -> Result<SocketAddr> {
-        required(&self.controller, "controller").copied()
+    pub fn controller(&self) -> Result<Vec<SocketAddr>> {
+        required(&self.controller, "controller").map(|c| c.0.clone())
     }
 
     pub fn token_file(&self) -> Result<&Path> {
@@ -249,7 +249,7 @@ pub fn run(flags: &AgentSettings) -> Result<()> {
         sandbox: args.sandbox.clone(),
     };
     let warm = args.warm_config()?;
-    let client = particle_wire::client::ApiClient::direct(args.controller()?, token);
+    let client = particle_wire::client::ApiClient::direct_to_any(args.controller()?, token);
     let metrics_addr = args
         .metrics_listen
         .unwrap_or_else(|| SocketAddr::from((underlay_ip, 9101)));

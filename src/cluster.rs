@@ -9,6 +9,12 @@ use anyhow::Result;
 use clap::Subcommand;
 use particle_cluster::{LocalCluster, Options, Which};
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Json,
+    Etcd,
+}
+
 #[derive(Subcommand)]
 pub enum ClusterCommand {
     /// Starts the cluster and stays in the foreground until Ctrl-C or `down`.
@@ -30,6 +36,12 @@ pub enum ClusterCommand {
         /// Seconds without a heartbeat after which the controller drops a node [default: 10].
         #[arg(long)]
         heartbeat_timeout: Option<f64>,
+        /// Controllers (more than one needs `--store etcd`: one leads, the others take over).
+        #[arg(long, default_value_t = 1)]
+        controllers: usize,
+        /// The controllers' store: `json` (the embedded file) or `etcd` (a 3-member etcd cluster in the underlay).
+        #[arg(long, value_enum, default_value_t = StoreKind::Json)]
+        store: StoreKind,
     },
     /// Stops a running local cluster: the one on `--port` (7700 unless
     /// told), the one with `--prefix`, or `--all` of them.
@@ -55,11 +67,19 @@ pub fn run(command: ClusterCommand) -> Result<()> {
             pool_size,
             free_pool_size,
             heartbeat_timeout,
-        } => up(&Options {
-            heartbeat_timeout,
-            relay: true,
-            ..Options::processes(nodes, &underlay, port, pool_size, free_pool_size)
-        }),
+            controllers,
+            store,
+        } => {
+            if controllers > 1 && store != StoreKind::Etcd {
+                anyhow::bail!("--controllers {controllers} needs --store etcd (the embedded store serves one controller)");
+            }
+            up(&Options {
+                heartbeat_timeout,
+                relay: true,
+                ha: (store == StoreKind::Etcd).then_some(particle_cluster::Ha { controllers }),
+                ..Options::processes(nodes, &underlay, port, pool_size, free_pool_size)
+            })
+        }
         ClusterCommand::Down { port, prefix, all } => {
             let which = match (all, prefix) {
                 (true, _) => Which::All,
@@ -84,10 +104,23 @@ fn up(opts: &Options) -> Result<()> {
     let mut cluster = LocalCluster::start(opts)?;
     println!("cluster {} up: {} nodes", cluster.prefix(), opts.nodes);
     if let Some(relay) = cluster.relay_addr() {
+        let list: Vec<String> = cluster
+            .controller_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         println!(
-            "  controller  http://{relay} (relayed to {} on the underlay)",
-            cluster.controller_addr()
+            "  controller  http://{relay} (relayed to {} on the underlay{})",
+            list.join(","),
+            if list.len() > 1 {
+                ", whichever leads"
+            } else {
+                ""
+            }
         );
+    }
+    for (name, pid) in cluster.etcd_pids() {
+        println!("  etcd {name}     pid {pid}");
     }
     println!("  token       {}", cluster.token_file().display());
     for i in 0..cluster.len() {

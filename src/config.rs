@@ -236,6 +236,9 @@ mod fuzz {
         "listen",
         "token_file",
         "state_file",
+        "store",
+        "cluster_id",
+        "advertise",
         "heartbeat_timeout",
         "netns",
     ];
@@ -440,7 +443,7 @@ mod fuzz {
                 prop_assert_eq!(
                     (
                         s.node().unwrap(),
-                        s.controller().unwrap(),
+                        s.controller().unwrap()[0],
                         s.underlay_ip().unwrap(),
                         s.pool_size()
                     ),

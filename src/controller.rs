@@ -28,10 +28,22 @@ pub struct ControllerSettings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
-    /// The embedded store (tenants, blocks, nodes); omitted: memory only.
-    #[arg(long)]
+    /// The embedded store's file (tenants, blocks, nodes; jobs in FILE.jobs.log); omitted: memory only. Same as `--store FILE`.
+    #[arg(long, conflicts_with = "store")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state_file: Option<PathBuf>,
+    /// Where state and jobs live: a file path (the embedded store), or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (several controllers share it; one leads).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// With etcd: this cluster's id; a controller refuses an etcd that holds another cluster's state under its prefix [default: particle].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// With etcd: the address clients are sent to when this controller leads [default: --listen].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<SocketAddr>,
     /// Seconds without a heartbeat after which a node is removed [default: 10; a node busy with a large burst may be late].
     #[arg(long)]
     #[serde(
@@ -53,6 +65,7 @@ impl config::Settings for ControllerSettings {
 
     fn check(&self) -> Result<()> {
         self.token_file()?;
+        self.store()?;
         Ok(())
     }
 }
@@ -65,6 +78,18 @@ impl ControllerSettings {
 
     pub fn token_file(&self) -> Result<&Path> {
         required(&self.token_file, "token_file").map(PathBuf::as_path)
+    }
+
+    /// The store, from `store` or `state_file` (a file wins neither: they conflict).
+    pub fn store(&self) -> Result<Option<particle_controller::store::StoreSpec>> {
+        match (&self.store, &self.state_file) {
+            (Some(_), Some(_)) => anyhow::bail!("give store or state_file, not both"),
+            (Some(s), None) => Ok(Some(s.parse().map_err(|e: String| anyhow::anyhow!(e))?)),
+            (None, Some(path)) => Ok(Some(particle_controller::store::StoreSpec::Json(
+                path.clone(),
+            ))),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Seconds.
@@ -85,7 +110,12 @@ pub fn run(flags: &ControllerSettings) -> Result<()> {
     let config = particle_controller::ControllerConfig {
         listen: settings.listen(),
         token: config::read_token(settings.token_file()?)?,
-        state_file: settings.state_file,
+        store: settings.store()?,
+        cluster_id: settings
+            .cluster_id
+            .clone()
+            .unwrap_or_else(|| "particle".into()),
+        advertise: settings.advertise,
         heartbeat_timeout: std::time::Duration::from_secs_f64(heartbeat_timeout),
         long_poll_max: particle_controller::DEFAULT_LONG_POLL_MAX,
         quotas: Default::default(),

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -17,9 +16,9 @@ use particle_wire::client::{ApiClient, Method};
 /// How to reach the controller.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControllerFlags {
-    /// The controller (a local cluster relays it on 127.0.0.1:7700).
+    /// The controller (a local cluster relays it on 127.0.0.1:7700), or several (`a:7700,b:7700`): requests go to their leader.
     #[arg(long, default_value = "127.0.0.1:7700")]
-    pub controller: SocketAddr,
+    pub controller: particle_wire::client::Controllers,
     /// File with the bearer token [default: the running local cluster's].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -31,8 +30,8 @@ impl ControllerFlags {
             Some(p) => p.clone(),
             None => local_cluster_token()?,
         };
-        Ok(ApiClient::direct(
-            self.controller,
+        Ok(ApiClient::direct_to_any(
+            self.controller.0.clone(),
             crate::config::read_token(&path)?,
         ))
     }

@@ -12,42 +12,6 @@ use nix::unistd::Pid;
 use particle_bench::agent_resources::AgentResources;
 use serde_json::Value;
 
-/// Launches `n` functions running `argv` without waiting; the job's id.
-fn launch_detached(cluster: &Cluster, tenant: &str, n: usize, argv: &[&str]) -> String {
-    let out = cluster
-        .command(&["launch"])
-        .args([
-            "--tenant",
-            tenant,
-            "-n",
-            &n.to_string(),
-            "--detach",
-            "--json",
-        ])
-        .arg("--")
-        .args(argv)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::text(&out));
-    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(job["state"], "running", "{job}");
-    job["id"].as_str().unwrap().to_string()
-}
-
-/// The job once it has ended (waiting up to `secs`).
-fn ended_job(cluster: &Cluster, id: &str, secs: u64) -> Value {
-    let mut job = Value::Null;
-    eventually_within(secs, &format!("job {id} ends"), || {
-        let (status, body) = cluster.api("GET", &format!("/v1/jobs/{id}?wait_s=2"), "");
-        if status != 200 {
-            return false; // e.g. the controller is restarting
-        }
-        job = serde_json::from_str(&body).unwrap();
-        job["state"] != "running"
-    });
-    job
-}
-
 /// Waits until every node has `ready` warm endpoints of `tenant`.
 fn pools_full(cluster: &Cluster, tenant: &str, ready: u64) {
     eventually_within(60, "warm pools full", || {
@@ -111,7 +75,7 @@ fn an_agent_killed_mid_job_loses_its_functions_and_its_restart_leaks_nothing() {
     let before = held(agent);
 
     // A marker argument tells this job's processes from anything else's.
-    let id = launch_detached(&cluster, "k", 9, &["/bin/sleep", "60.0761"]);
+    let id = cluster.launch_detached("k", 9, &["/bin/sleep", "60.0761"]);
     eventually("every function runs", || processes_with("60.0761") == 9);
     kill(Pid::from_raw(agent), Signal::SIGKILL).unwrap();
     let mut restarted = None;
@@ -160,7 +124,7 @@ fn a_controller_killed_mid_job_comes_back_knowing_the_job() {
     let cluster = Cluster::up(2, 17_762, "10.216.0.0/24", &["--pool-size", "4"]);
     cluster.create_tenant("c", 322, "10.33.0.0/16", 4);
     pools_full(&cluster, "c", 2);
-    let id = launch_detached(&cluster, "c", 4, &["/bin/sleep", "3"]);
+    let id = cluster.launch_detached("c", 4, &["/bin/sleep", "3"]);
     let controller = cluster.controller_pid().expect("controller runs");
     kill(Pid::from_raw(controller), Signal::SIGKILL).unwrap();
     eventually("controller started again", || {
@@ -169,15 +133,15 @@ fn a_controller_killed_mid_job_comes_back_knowing_the_job() {
 
     // The functions ran on; their exits, reported to the new controller,
     // end the job it restored from its jobs file.
-    let job = ended_job(&cluster, &id, 30);
+    let job = cluster.ended_job(&id, 30);
     assert_eq!(job["state"], "succeeded", "{job}");
     for f in job["functions"].as_array().unwrap() {
         assert_eq!(f["exit_code"], 0, "{f}");
     }
     // New jobs get new ids and run.
-    let next = launch_detached(&cluster, "c", 2, &["/bin/true"]);
+    let next = cluster.launch_detached("c", 2, &["/bin/true"]);
     assert_ne!(next, id);
-    assert_eq!(ended_job(&cluster, &next, 20)["state"], "succeeded");
+    assert_eq!(cluster.ended_job(&next, 20)["state"], "succeeded");
 }
 
 #[test]
@@ -198,7 +162,7 @@ fn a_node_cut_off_the_underlay_drops_out_and_its_functions_are_reported_lost() {
     };
     let full = overlay_of_n0();
 
-    let id = launch_detached(&cluster, "u", 6, &["/bin/sleep", "5"]);
+    let id = cluster.launch_detached("u", 6, &["/bin/sleep", "5"]);
     let underlay = particle_net::NetNs::open(format!("/proc/{n2}/ns/net")).unwrap();
     let set = |state: &str| {
         let out = underlay
@@ -210,7 +174,7 @@ fn a_node_cut_off_the_underlay_drops_out_and_its_functions_are_reported_lost() {
     };
     set("down");
 
-    let job = ended_job(&cluster, &id, 30);
+    let job = cluster.ended_job(&id, 30);
     assert_eq!(job["state"], "failed", "{job}");
     for f in functions_on(&job, "n2") {
         assert_eq!(f["state"], "lost", "{f}");

@@ -146,7 +146,7 @@ grep -q '^CapEff:[[:space:]]*0*$' /proc/self/status && echo "probe capabilities 
         socket.clone(),
         cluster.token_file.display().to_string(),
         format!("{}/controller.json", cluster.logs),
-        format!("{}/controller.json.jobs", cluster.logs),
+        format!("{}/controller.json.jobs.log", cluster.logs),
     ] {
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "{file} is {mode:o}");

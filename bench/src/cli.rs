@@ -5,7 +5,7 @@ use anyhow::{anyhow, Result};
 use clap::Subcommand;
 use serde::Serialize;
 
-use crate::{cni_add, endpoints, pipeline, reuse, soak, startup};
+use crate::{cni_add, endpoints, failover, pipeline, reuse, soak, startup};
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -74,6 +74,9 @@ pub enum Bench {
     /// sizes, cancels) on a local cluster; errors, startup over time, and what
     /// every agent holds at the start and the end (must match: nothing leaks).
     Soak(crate::soak::SoakArgs),
+    /// Controller failover: three controllers on a 3-member etcd, the leader
+    /// SIGKILLed mid-burst (5 times); takeover time (median) and jobs lost.
+    Failover(crate::failover::FailoverArgs),
 }
 
 /// What a benchmark subcommand prints (the table, or one JSON object), and
@@ -166,5 +169,12 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
                 })
         }
         Bench::Startup(args) => Outcome::report(&startup::run(args)?, args.json, startup::render)?,
+        Bench::Failover(args) => {
+            let report = failover::run(args)?;
+            Outcome::report(&report, args.json, failover::render)?
+                .failing_if(report.jobs_lost > 0, || {
+                    format!("{} jobs lost", report.jobs_lost)
+                })
+        }
     })
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use particle_wire::api::{FunctionCommand, Job, JobState, LaunchJob, Placement, RuntimeKind};
+use particle_wire::api::{Job, JobState, LaunchJob};
 use particle_wire::client::{ApiClient, Method};
 use particle_workloads::ring::now_ns;
 
@@ -65,18 +65,8 @@ pub async fn launch_job(
     output_dir: Option<&Path>,
 ) -> Result<(u128, Job, Vec<FunctionRun>)> {
     let request = LaunchJob {
-        tenant: tenant.into(),
-        functions,
-        command: FunctionCommand {
-            argv,
-            env: Default::default(),
-        },
-        placement: Placement::default(),
-        runtime: RuntimeKind::Builtin,
-        port: None,
-        limits: Default::default(),
-        image: None,
         output_dir: output_dir.map(|d| d.display().to_string()),
+        ..LaunchJob::of(tenant, functions, argv)
     };
     let submitted = now_ns();
     let job: Job = api

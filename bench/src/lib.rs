@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cni_add;
 pub mod delay_line;
 pub mod endpoints;
+pub mod failover;
 pub mod jobs;
 pub mod no_network;
 pub mod peaks;

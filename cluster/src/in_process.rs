@@ -40,7 +40,9 @@ pub(crate) fn start(opts: &Options, runtime: &tokio::runtime::Runtime, c: &Piece
     let config = ControllerConfig {
         listen: c.controller,
         token: c.token.into(),
-        state_file: None,
+        store: None,
+        cluster_id: "particle".into(),
+        advertise: None,
         heartbeat_timeout: opts
             .heartbeat_timeout
             .map_or(HEARTBEAT_TIMEOUT, Duration::from_secs_f64),

@@ -23,9 +23,11 @@
 //! child processes die with this one (PR_SET_PDEATHSIG), tasks stop with its
 //! runtime; dropping it, Ctrl-C or a crash leave nothing behind.
 
+mod ha;
 mod in_process;
 mod processes;
 mod relay;
+mod running;
 pub mod tenants;
 
 use std::net::{IpAddr, SocketAddr};
@@ -39,6 +41,10 @@ use particle_net::{AddressBlock, Endpoint, NetNs, PoolConfig, Run, RunPrefix};
 use particle_wire::client::ApiClient;
 use serde_json::Value;
 
+pub use ha::{Ha, ETCD_MEMBERS};
+use running::ClusterDir;
+pub use running::{running, stop, Which};
+
 /// Node `i`'s name at the controller.
 fn node_name(i: usize) -> String {
     format!("n{i}")
@@ -50,12 +56,6 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 /// Tenant-free endpoints per node that `particle cluster up` keeps unless
 /// told otherwise.
 pub const DEFAULT_FREE_POOL_SIZE: usize = 16;
-
-/// Where every cluster's directory lives.
-const RUN_DIR: &str = "/run/particle";
-/// The name of a process cluster's directory ends so (`particle cluster
-/// down` and `particle launch` look for it).
-const CLUSTER_SUFFIX: &str = "-cluster";
 
 /// How a cluster's controller and agents run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,9 @@ pub struct Options {
     /// cluster's namespaces.
     pub relay: bool,
     pub mode: Mode,
+    /// Several controllers on a three-member etcd cluster (processes
+    /// only); `None`: one controller on the embedded store.
+    pub ha: Option<Ha>,
 }
 
 impl Options {
@@ -110,6 +113,7 @@ impl Options {
             heartbeat_timeout: None,
             relay: false,
             mode: Mode::Processes,
+            ha: None,
         }
     }
 
@@ -124,6 +128,7 @@ impl Options {
             heartbeat_timeout: None,
             relay: false,
             mode: Mode::InProcess,
+            ha: None,
         }
     }
 }
@@ -138,7 +143,7 @@ pub struct LocalCluster {
     hosts: Vec<Endpoint>,
     fabric: ScratchNode,
     token: String,
-    controller_addr: SocketAddr,
+    controller_addrs: Vec<SocketAddr>,
     relay_addr: Option<SocketAddr>,
     sockets: Vec<PathBuf>,
     dir: ClusterDir,
@@ -163,6 +168,10 @@ impl LocalCluster {
         let hosts = fabric.hosts(opts.nodes).context("creating the nodes")?;
         let token = dir.new_token()?;
         let controller_addr = SocketAddr::new(IpAddr::V4(fabric.block.gateway()), opts.port);
+        let controller_addrs = ha::controller_addrs(opts, controller_addr);
+        if opts.ha.is_some() && opts.mode != Mode::Processes {
+            bail!("several controllers on etcd run as processes only");
+        }
         let sockets: Vec<PathBuf> = (0..opts.nodes)
             .map(|i| dir.path().join(format!("n{i}.sock")))
             .collect();
@@ -174,7 +183,7 @@ impl LocalCluster {
                     dir.path(),
                     &fabric.netns,
                     &hosts,
-                    controller_addr,
+                    controller_addrs[0],
                     &sockets,
                 )?;
                 (tokio::runtime::Runtime::new()?, children)
@@ -188,7 +197,7 @@ impl LocalCluster {
                     prefix: run.prefix(),
                     fabric: &fabric.netns,
                     hosts: &hosts,
-                    controller: controller_addr,
+                    controller: controller_addrs[0],
                     token: &token,
                     sockets: &sockets,
                 };
@@ -205,7 +214,7 @@ impl LocalCluster {
             hosts,
             fabric,
             token,
-            controller_addr,
+            controller_addrs,
             relay_addr,
             sockets,
             dir,
@@ -218,7 +227,9 @@ impl LocalCluster {
                 let relay = tokio::net::TcpListener::bind(relay_addr)
                     .await
                     .with_context(|| format!("relay on {relay_addr}"))?;
-                tokio::spawn(relay::relay_loop(relay, fabric_ns, controller_addr));
+                let targets = cluster.controller_addrs.clone();
+                let token = cluster.token.clone();
+                tokio::spawn(relay::relay_loop(relay, fabric_ns, targets, token));
             }
             tenants::wait_for_nodes(&api, opts.nodes, Duration::from_secs(30)).await
         })?;
@@ -228,11 +239,32 @@ impl LocalCluster {
     /// A client of the controller, dialling inside the underlay.
     pub fn api(&self) -> Result<ApiClient> {
         let dial = self.fabric.netns.try_clone()?.tcp_dialer();
-        Ok(ApiClient::new(
-            self.controller_addr,
+        Ok(ApiClient::to_any(
+            self.controller_addrs.clone(),
             self.token.clone(),
             dial,
         ))
+    }
+
+    /// Every controller's address on the underlay (one but with [`Options::ha`]).
+    pub fn controller_addrs(&self) -> &[SocketAddr] {
+        &self.controller_addrs
+    }
+
+    /// Every controller process's address and pid (as running now).
+    pub fn controller_pids(&self) -> Vec<(SocketAddr, i32)> {
+        self.children
+            .iter()
+            .filter_map(processes::ChildGuard::controller)
+            .collect()
+    }
+
+    /// Every etcd member's name and pid (as running now).
+    pub fn etcd_pids(&self) -> Vec<(String, i32)> {
+        self.children
+            .iter()
+            .filter_map(processes::ChildGuard::etcd_member)
+            .collect()
     }
 
     pub fn prefix(&self) -> &RunPrefix {
@@ -250,9 +282,9 @@ impl LocalCluster {
         self.dir.token_file()
     }
 
-    /// The controller's address on the underlay.
+    /// The (first) controller's address on the underlay.
     pub fn controller_addr(&self) -> SocketAddr {
-        self.controller_addr
+        self.controller_addrs[0]
     }
 
     /// Where the controller is relayed on 127.0.0.1, if it is.
@@ -358,154 +390,5 @@ impl LocalCluster {
     ) -> Result<particle_wire::api::Tenant> {
         let api = self.api()?;
         self.runtime.block_on(tenants::create(&api, tenant))
-    }
-}
-
-/// The directory of every process cluster running on this machine (those
-/// `particle cluster down` stops and whose token `particle launch` finds),
-/// with the prefix of each.
-pub fn running() -> Vec<(String, PathBuf)> {
-    std::fs::read_dir(RUN_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let prefix = name.strip_suffix(CLUSTER_SUFFIX)?.to_string();
-            Some((prefix, entry.path()))
-        })
-        .collect()
-}
-
-/// Which running clusters to stop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Which {
-    /// The one whose controller (and relay) is on this port.
-    Port(u16),
-    /// The one with this run prefix.
-    Prefix(String),
-    /// Every one on the machine.
-    All,
-}
-
-impl Which {
-    fn matches(&self, prefix: &str, dir: &Path) -> bool {
-        match self {
-            Self::All => true,
-            Self::Prefix(p) => p == prefix,
-            Self::Port(port) => std::fs::read_to_string(dir.join("port"))
-                .is_ok_and(|p| p.trim() == port.to_string()),
-        }
-    }
-}
-
-/// Stops the running process clusters `which` names (SIGTERM to the process
-/// that holds each, then waits for its directory to go); returns each one's
-/// prefix.
-pub fn stop(which: &Which) -> Result<Vec<String>> {
-    let mut stopped = Vec::new();
-    for (prefix, dir) in running() {
-        if !which.matches(&prefix, &dir) {
-            continue;
-        }
-        let Some(pid) = cluster_process(&dir) else {
-            continue;
-        };
-        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
-            let start = Instant::now();
-            while dir.exists() && start.elapsed() < Duration::from_secs(20) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            stopped.push(prefix);
-        }
-    }
-    Ok(stopped)
-}
-
-/// The process holding the cluster in `dir`, if the pid file names it. The
-/// file holds the pid and that process's start time (field 22 of
-/// `/proc/PID/stat`), and must be root's and not writable by others: a pid
-/// file that was rewritten, or whose process died and whose pid was reused,
-/// names nobody, and nobody is signalled.
-fn cluster_process(dir: &Path) -> Option<nix::unistd::Pid> {
-    use std::os::unix::fs::MetadataExt;
-    let pid_file = dir.join("pid");
-    let meta = std::fs::symlink_metadata(&pid_file).ok()?;
-    if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        tracing::warn!("{}: not a pid file of root's; ignored", pid_file.display());
-        return None;
-    }
-    let text = std::fs::read_to_string(&pid_file).ok()?;
-    let (pid, start) = text.trim().split_once(' ')?;
-    let pid: i32 = pid.parse().ok()?;
-    if pid <= 0 || process_start(pid)? != start {
-        tracing::warn!("{}: its process is gone; ignored", pid_file.display());
-        return None;
-    }
-    Some(nix::unistd::Pid::from_raw(pid))
-}
-
-/// A process's start time in clock ticks since boot, as `/proc` gives it.
-fn process_start(pid: i32) -> Option<String> {
-    let start = particle_net::proc_stat::ProcStat::of(pid)?.start_ticks?;
-    Some(start.to_string())
-}
-
-/// A cluster's directory (token, logs, sockets), removed when the cluster
-/// stops. A process cluster's is named so that [`running`] finds it and holds
-/// the pid that [`stop`] signals; an in-process one is nobody else's
-/// business.
-struct ClusterDir(PathBuf);
-
-impl ClusterDir {
-    fn create(prefix: &RunPrefix, mode: Mode, port: u16) -> Result<Self> {
-        let label = match mode {
-            Mode::Processes => prefix.label(&CLUSTER_SUFFIX[1..]),
-            Mode::InProcess => prefix.label("in-process"),
-        };
-        let dir = Self(Path::new(RUN_DIR).join(label));
-        std::fs::create_dir_all(&dir.0)?;
-        // Nobody else may list it; its files (token, logs, sockets: 0600)
-        // are the cluster's alone. Search stays open: sandboxed functions,
-        // unprivileged outside, reach their image here.
-        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
-        if mode == Mode::Processes {
-            let me = std::process::id();
-            let start = process_start(me as i32).context("reading this process's start time")?;
-            std::fs::write(dir.0.join("pid"), format!("{me} {start}"))?;
-            // How `cluster down --port` tells this cluster from the others.
-            std::fs::write(dir.0.join("port"), port.to_string())?;
-        }
-        Ok(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn token_file(&self) -> PathBuf {
-        self.0.join("token")
-    }
-
-    /// A fresh random token, written to [`Self::token_file`] (mode 0600).
-    fn new_token(&self) -> Result<String> {
-        use std::io::{Read, Write};
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut bytes = [0u8; 16];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(self.token_file())?;
-        f.write_all(token.as_bytes())?;
-        Ok(token)
-    }
-}
-
-impl Drop for ClusterDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

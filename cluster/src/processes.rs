@@ -28,23 +28,40 @@ pub(crate) fn start(
         None => 0,
     };
     let token_file = dir.join("token");
-    let mut controller_args: Vec<String> = vec![
-        "controller".into(),
-        "--listen".into(),
-        controller.to_string(),
-        "--token-file".into(),
-        token_file.display().to_string(),
-        "--state-file".into(),
-        dir.join("controller.json").display().to_string(),
-    ];
-    if let Some(t) = opts.heartbeat_timeout {
-        controller_args.extend(["--heartbeat-timeout".into(), t.to_string()]);
+    let controllers = crate::ha::controller_addrs(opts, controller);
+    let mut children = Vec::new();
+    let store = match &opts.ha {
+        Some(_) => {
+            let (members, store) = crate::ha::start_etcd(controller.ip(), dir, fabric)?;
+            children.extend(members);
+            store
+        }
+        None => dir.join("controller.json").display().to_string(),
+    };
+    for (i, addr) in controllers.iter().enumerate() {
+        let mut controller_args: Vec<String> = vec![
+            "controller".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--store".into(),
+            store.clone(),
+        ];
+        if opts.ha.is_some() {
+            controller_args.extend(["--cluster-id".into(), crate::ha::cluster_id(dir)]);
+        }
+        if let Some(t) = opts.heartbeat_timeout {
+            controller_args.extend(["--heartbeat-timeout".into(), t.to_string()]);
+        }
+        let log = match opts.ha {
+            Some(_) => dir.join(format!("controller-{i}.log")),
+            None => dir.join("controller.log"),
+        };
+        children.push(ChildGuard::spawn(fabric, &controller_args, &log)?);
     }
-    let mut children = vec![ChildGuard::spawn(
-        fabric,
-        &controller_args,
-        &dir.join("controller.log"),
-    )?];
+    let controller_list: Vec<String> = controllers.iter().map(|a| a.to_string()).collect();
+    let controller_list = controller_list.join(",");
     for (i, (host, socket)) in hosts.iter().zip(sockets).enumerate() {
         children.push(ChildGuard::spawn(
             host.netns(),
@@ -53,7 +70,7 @@ pub(crate) fn start(
                 "--node".into(),
                 node_name(i),
                 "--controller".into(),
-                controller.to_string(),
+                controller_list.clone(),
                 "--token-file".into(),
                 token_file.display().to_string(),
                 "--underlay-iface".into(),
@@ -87,16 +104,30 @@ fn warm_size(pool: &PoolConfig, what: &str) -> Result<usize> {
 pub(crate) struct ChildGuard {
     child: Child,
     netns: NetNs,
+    program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
     restarts: u32,
 }
 
 impl ChildGuard {
+    /// `particle ARGS` (this executable).
     fn spawn(ns: &NetNs, args: &[String], log: &Path) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the particle binary")?;
+        Self::spawn_program(ns, &exe, args, log)
+    }
+
+    /// `PROGRAM ARGS` in `ns`.
+    pub(crate) fn spawn_program(
+        ns: &NetNs,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> Result<Self> {
         Ok(Self {
-            child: spawn_child(ns, args, log)?,
+            child: spawn_child(ns, program, args, log)?,
             netns: ns.try_clone()?,
+            program: program.to_owned(),
             args: args.to_vec(),
             log: log.to_owned(),
             restarts: 0,
@@ -109,15 +140,39 @@ impl ChildGuard {
         Some((self.args.get(node + 1)?.clone(), self.child.id() as i32))
     }
 
+    /// A controller's listen address and pid.
+    pub(crate) fn controller(&self) -> Option<(SocketAddr, i32)> {
+        if self.args.first().map(String::as_str) != Some("controller") {
+            return None;
+        }
+        let listen = self.args.iter().position(|a| a == "--listen")?;
+        Some((
+            self.args.get(listen + 1)?.parse().ok()?,
+            self.child.id() as i32,
+        ))
+    }
+
+    /// An etcd member's name and pid.
+    pub(crate) fn etcd_member(&self) -> Option<(String, i32)> {
+        if !self.program.ends_with("etcd") {
+            return None;
+        }
+        let name = self.args.iter().position(|a| a == "--name")?;
+        Some((self.args.get(name + 1)?.clone(), self.child.id() as i32))
+    }
+
     pub(crate) fn restart_if_dead(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             self.restarts += 1;
             eprintln!(
                 "{} exited ({status}); starting it again (restart {})",
-                self.args.first().map(String::as_str).unwrap_or("?"),
+                self.etcd_member()
+                    .map(|_| "etcd")
+                    .or(self.args.first().map(String::as_str))
+                    .unwrap_or("?"),
                 self.restarts
             );
-            self.child = spawn_child(&self.netns, &self.args, &self.log)?;
+            self.child = spawn_child(&self.netns, &self.program, &self.args, &self.log)?;
         }
         Ok(())
     }
@@ -130,9 +185,8 @@ impl Drop for ChildGuard {
     }
 }
 
-fn spawn_child(ns: &NetNs, args: &[String], log: &Path) -> Result<Child> {
+fn spawn_child(ns: &NetNs, exe: &Path, args: &[String], log: &Path) -> Result<Child> {
     use std::os::unix::fs::OpenOptionsExt;
-    let exe = std::env::current_exe().context("locating the particle binary")?;
     // Logs name tenants and jobs: the cluster's, not everyone's (0600).
     let log_file = std::fs::OpenOptions::new()
         .mode(0o600)

@@ -19,12 +19,12 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::state::{ErrorKind, StateError};
-use crate::{Controller, UpdateError};
+use crate::{Controller, Role, UpdateError};
 use particle_wire::api::{
     CreateTenant, FunctionExits, Heartbeat, Job, JobSummary, LaunchJob, Node, NodeOverlay,
     RegisterNode, Tenant, WarmTarget,
 };
-use particle_wire::client::{ApiClient, Method};
+use particle_wire::client::{ApiClient, Method, LEADER_HEADER};
 use particle_wire::{require_bearer, HttpError};
 
 impl From<StateError> for HttpError {
@@ -45,10 +45,12 @@ impl From<UpdateError> for HttpError {
             UpdateError::Rejected(e) => e.into(),
             UpdateError::Persist(e) => {
                 tracing::error!("{e}");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("state not persisted: {e}"),
-                )
+                let status = if e.is_unavailable() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                };
+                Self::new(status, format!("state not persisted, nothing changed: {e}"))
             }
         }
     }
@@ -90,7 +92,12 @@ pub fn router(controller: Controller) -> Router {
         .route_layer(middleware::from_fn_with_state(token, require_bearer));
     Router::new()
         .merge(v1)
+        .layer(middleware::from_fn_with_state(
+            controller.clone(),
+            leader_only,
+        ))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/leader", get(leader))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             HttpError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -100,6 +107,40 @@ pub fn router(controller: Controller) -> Router {
             count_requests,
         ))
         .with_state(controller)
+}
+
+/// A follower serves nothing but `/healthz` and `/leader`: a 503 naming
+/// the leader ([`LEADER_HEADER`], empty while nobody leads), which clients
+/// of several controllers follow. A 503 rather than a redirect: the client
+/// must dial the leader itself (perhaps from another namespace), and a
+/// request it sent was not acted on, so it may send it again.
+async fn leader_only(State(c): State<Controller>, req: Request, next: Next) -> Response {
+    match c.role() {
+        Role::Leader => next.run(req).await,
+        Role::Follower { leader } => {
+            let message = match &leader {
+                Some(l) => format!("this controller follows; the leader is {l}"),
+                None => "no controller leads right now (etcd unreachable, or a takeover under way): try again".to_string(),
+            };
+            let mut response =
+                HttpError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+            if let Ok(value) = header::HeaderValue::from_str(leader.as_deref().unwrap_or("")) {
+                response.headers_mut().insert(LEADER_HEADER, value);
+            }
+            response
+        }
+    }
+}
+
+/// `GET /leader` (no token: it names only addresses): who leads, and
+/// whether this controller does.
+async fn leader(State(c): State<Controller>) -> Json<serde_json::Value> {
+    let me = c.advertise().to_string();
+    let leader = match c.role() {
+        Role::Leader => Some(me.clone()),
+        Role::Follower { leader } => leader,
+    };
+    Json(serde_json::json!({ "leader": leader, "self": me, "is_leader": c.is_leader() }))
 }
 
 async fn count_requests(State(c): State<Controller>, req: Request, next: Next) -> Response {
@@ -349,6 +390,7 @@ async fn exits(
     let report: FunctionExits = parse_json(&body)?;
     // A report is as good a sign of life as a heartbeat.
     c.lock().touch(&node, Instant::now());
-    c.jobs().record_exits(&node, report.exits);
+    // Not stored: a 503, and the agent reports again.
+    c.jobs().record_exits(&node, report.exits)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,19 +1,20 @@
 //! The control plane: nodes, tenants, per-node address blocks, and the overlay state pushed to agents.
 //!
 //! - [`state`]: the pure model and its rules.
-//! - [`store`]: the embedded JSON-file store.
+//! - [`store`]: where state and jobs are kept: the embedded JSON store, or etcd.
+//! - [`leader`]: with etcd, which of several controllers serves.
 //! - [`http`]: the axum router implementing [`api`].
 //! - [`serve`]: runs the router plus the node-expiry loop.
 
 pub mod http;
 pub mod jobs;
+pub mod leader;
 pub mod metrics;
 pub mod state;
 pub mod store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,8 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::state::{ControllerState, StateError};
-use crate::store::{Store, StoreError};
+use crate::store::etcd::{EtcdClient, EtcdStore};
+use crate::store::{Backend, JsonStore, StoreError, StoreSpec};
 
 pub use crate::http::router;
 
@@ -46,14 +48,33 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     /// The bearer token every `/v1` request must carry.
     pub token: String,
-    /// Where the embedded store lives; `None` keeps state in memory only.
-    pub state_file: Option<PathBuf>,
+    /// Where state and jobs are kept; `None` keeps them in memory only.
+    pub store: Option<StoreSpec>,
+    /// With etcd: this cluster's id (a controller refuses an etcd holding
+    /// another cluster's state under its prefix).
+    pub cluster_id: String,
+    /// With etcd: the address other controllers name to clients when this
+    /// one leads [default: `listen`].
+    pub advertise: Option<SocketAddr>,
     /// A node not heard from for this long is removed.
     pub heartbeat_timeout: Duration,
     /// Upper bound of an overlay long poll (25 s in production; short in tests).
     pub long_poll_max: Duration,
     /// What users may create (tenants, warm targets).
     pub quotas: state::Quotas,
+}
+
+/// How long a controller waits at start for etcd to answer.
+pub const ETCD_START_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether this controller serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    /// Another one leads (its address, if known): requests get a 503 naming it.
+    Follower {
+        leader: Option<String>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +105,13 @@ struct Inner {
     // A std mutex: critical sections are short and never await. The store
     // is written while it is held so files are written in version order.
     state: Mutex<ControllerState>,
-    store: Option<Store>,
+    store: Option<Arc<dyn Backend>>,
+    /// The same store when it is etcd (the leader loop fences it).
+    etcd: Option<Arc<EtcdStore>>,
+    role: watch::Sender<Role>,
+    /// What clients are told to reach this controller at.
+    advertise: SocketAddr,
+    quotas: state::Quotas,
     version_tx: watch::Sender<u64>,
     token: String,
     heartbeat_timeout: Duration,
@@ -120,15 +147,66 @@ impl Drop for InFlight {
 }
 
 impl Controller {
-    /// Builds the controller, loading the store if there is one.
+    /// Builds the controller, loading the store if there is one. With etcd
+    /// it starts as a follower (until [`leader::run`] wins) and waits up to
+    /// [`ETCD_START_WAIT`] for etcd to answer; it fails at once if etcd
+    /// holds another cluster's state.
     pub fn new(config: &ControllerConfig) -> Result<Self, ControllerError> {
-        let store = config.state_file.clone().map(Store::new);
-        let state = match store
-            .as_ref()
-            .map(Store::load::<state::Snapshot>)
-            .transpose()?
-            .flatten()
-        {
+        let (store, etcd): (Option<Arc<dyn Backend>>, _) = match &config.store {
+            None => (None, None),
+            Some(StoreSpec::Json(path)) => (Some(Arc::new(JsonStore::open(path)?)), None),
+            Some(StoreSpec::Etcd { endpoints, prefix }) => {
+                let client = Arc::new(EtcdClient::new(endpoints.clone(), prefix));
+                let etcd = Arc::new(EtcdStore::connect(
+                    client,
+                    &config.cluster_id,
+                    ETCD_START_WAIT,
+                )?);
+                (Some(etcd.clone() as Arc<dyn Backend>), Some(etcd))
+            }
+        };
+        let role = match etcd {
+            Some(_) => Role::Follower { leader: None },
+            None => Role::Leader,
+        };
+        let controller = Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(ControllerState::new().with_quotas(config.quotas)),
+                jobs: jobs::Jobs::new(store.clone()),
+                store,
+                etcd,
+                role: watch::channel(role).0,
+                advertise: config.advertise.unwrap_or(config.listen),
+                quotas: config.quotas,
+                version_tx: watch::channel(0).0,
+                token: config.token.clone(),
+                heartbeat_timeout: config.heartbeat_timeout,
+                long_poll_max: config.long_poll_max,
+                metrics: Metrics::new(),
+                calls: Mutex::new(BTreeMap::new()),
+            }),
+        };
+        if let Some(StoreSpec::Json(path)) = &config.store {
+            let mut legacy = path.as_os_str().to_owned();
+            legacy.push(".jobs");
+            controller
+                .inner
+                .jobs
+                .import_legacy(std::path::Path::new(&legacy))?;
+        }
+        if controller.inner.etcd.is_none() {
+            controller.reload()?;
+        }
+        Ok(controller)
+    }
+
+    /// Replaces the model and the jobs with what the store holds.
+    fn reload(&self) -> Result<(), ControllerError> {
+        let snapshot = match &self.inner.store {
+            Some(store) => store.load_state()?,
+            None => None,
+        };
+        let state = match snapshot {
             Some(snapshot) => {
                 let state = ControllerState::restore(snapshot, Instant::now())?;
                 tracing::info!(
@@ -141,21 +219,53 @@ impl Controller {
             }
             None => ControllerState::new(),
         }
-        .with_quotas(config.quotas);
-        let (version_tx, _) = watch::channel(state.version());
-        Ok(Self {
-            inner: Arc::new(Inner {
-                state: Mutex::new(state),
-                store,
-                version_tx,
-                token: config.token.clone(),
-                heartbeat_timeout: config.heartbeat_timeout,
-                long_poll_max: config.long_poll_max,
-                metrics: Metrics::new(),
-                jobs: jobs::Jobs::new(config.state_file.as_deref().map(jobs::jobs_store))?,
-                calls: Mutex::new(BTreeMap::new()),
-            }),
-        })
+        .with_quotas(self.inner.quotas);
+        self.inner.jobs.reload()?;
+        let version = state.version();
+        *self.lock() = state;
+        self.inner.version_tx.send_replace(version);
+        Ok(())
+    }
+
+    /// Takes over (after winning the election as `leader_rev`): fences every
+    /// write on it, loads state and jobs, then serves.
+    pub fn become_leader(&self, leader_rev: i64) -> Result<(), ControllerError> {
+        if let Some(etcd) = &self.inner.etcd {
+            etcd.set_fence(Some(leader_rev));
+        }
+        self.reload()?;
+        self.inner.role.send_replace(Role::Leader);
+        tracing::info!(advertise = %self.inner.advertise, "leading");
+        Ok(())
+    }
+
+    /// Stops serving: `leader` leads (if known).
+    pub fn follow(&self, leader: Option<String>) {
+        if let Some(etcd) = &self.inner.etcd {
+            etcd.set_fence(None);
+        }
+        let role = Role::Follower { leader };
+        if *self.inner.role.borrow() != role {
+            tracing::info!(?role, "following");
+            self.inner.role.send_replace(role);
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.inner.role.borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        *self.inner.role.borrow() == Role::Leader
+    }
+
+    /// The address clients are told to use for this controller.
+    pub fn advertise(&self) -> SocketAddr {
+        self.inner.advertise
+    }
+
+    pub fn etcd(&self) -> Option<&Arc<EtcdStore>> {
+        self.inner.etcd.as_ref()
     }
 
     /// Locks the model. A panic while holding the lock cannot leave it half
@@ -179,7 +289,7 @@ impl Controller {
         let out = op(&mut next)?;
         if next.version() != guard.version() {
             if let Some(store) = &self.inner.store {
-                store.save(&next.snapshot())?;
+                store.save_state(&next.snapshot())?;
             }
             let version = next.version();
             *guard = next;
@@ -265,6 +375,9 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if !self.is_leader() {
+                continue; // the leader's business
+            }
             match self.expire_nodes() {
                 Ok(removed) if !removed.is_empty() => {
                     tracing::info!(?removed, "expired silent nodes");
@@ -300,7 +413,12 @@ pub async fn serve_with_shutdown(
     }
     let controller = Controller::new(&config)?;
     let local = listener.local_addr()?;
-    tracing::info!(listen = %config.listen, %local, state_file = ?config.state_file, "controller serving");
+    tracing::info!(listen = %config.listen, %local, store = ?config.store, "controller serving");
+    // With etcd, the election runs beside the server and stops with it.
+    let _election = match controller.etcd() {
+        Some(etcd) => Some(leader::spawn(controller.clone(), etcd.client().clone())?),
+        None => None,
+    };
     let app = router(controller.clone());
     // Both in one future: dropping `serve` also stops the expiry loop, so
     // an aborted controller never writes the store again.

@@ -137,7 +137,9 @@ async fn controller_and_agents_build_an_isolated_multi_node_overlay() {
     let config = ControllerConfig {
         listen: addr,
         token: TOKEN.into(),
-        state_file: None,
+        store: None,
+        cluster_id: "particle".into(),
+        advertise: None,
         heartbeat_timeout: Duration::from_millis(800),
         long_poll_max: Duration::from_secs(5),
         quotas: Default::default(),

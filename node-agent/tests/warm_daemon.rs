@@ -111,7 +111,9 @@ async fn the_daemon_hands_warm_connections_to_its_claimed_endpoints_by_tenant() 
         ControllerConfig {
             listen: addr,
             token: TOKEN.into(),
-            state_file: None,
+            store: None,
+            cluster_id: "particle".into(),
+            advertise: None,
             heartbeat_timeout: Duration::from_secs(5),
             long_poll_max: Duration::from_secs(5),
             quotas: Default::default(),

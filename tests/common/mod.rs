@@ -82,6 +82,28 @@ fn child_pid_of(parent: i32, needle: &str, subcommand: &str) -> Option<i32> {
     })
 }
 
+/// Every child of `parent`: its pid and command line.
+pub fn children_of(parent: i32) -> Vec<(i32, Vec<String>)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            if parent_of(pid) != Some(parent) {
+                return None;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some((pid, args))
+        })
+        .collect()
+}
+
 /// Links in the namespace of a process.
 pub fn links_of(pid: i32) -> usize {
     let ns = particle_net::NetNs::open(format!("/proc/{pid}/ns/net")).unwrap();
@@ -205,6 +227,58 @@ impl Cluster {
         serde_json::from_str(&answer).unwrap_or(serde_json::Value::Null)
     }
 
+    /// Launches `n` functions of `tenant` running `argv` without waiting
+    /// for them: the job as accepted, or why the launch failed.
+    pub fn try_launch_detached(
+        &self,
+        tenant: &str,
+        n: usize,
+        argv: &[&str],
+    ) -> Result<serde_json::Value, String> {
+        let out = self
+            .command(&["launch"])
+            .args([
+                "--tenant",
+                tenant,
+                "-n",
+                &n.to_string(),
+                "--detach",
+                "--json",
+            ])
+            .arg("--")
+            .args(argv)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", text(&out)))
+    }
+
+    /// [`Self::try_launch_detached`], which must succeed; the job's id.
+    pub fn launch_detached(&self, tenant: &str, n: usize, argv: &[&str]) -> String {
+        let job = self
+            .try_launch_detached(tenant, n, argv)
+            .unwrap_or_else(|e| panic!("launching: {e}"));
+        assert_eq!(job["state"], "running", "{job}");
+        job["id"].as_str().unwrap().to_string()
+    }
+
+    /// The job once it has ended (waiting up to `secs`), as the controller
+    /// that answers then reports it (it may be restarting, or taking over).
+    pub fn ended_job(&self, id: &str, secs: u64) -> serde_json::Value {
+        let mut job = serde_json::Value::Null;
+        eventually_within(secs, &format!("job {id} ends"), || {
+            let (status, body) = self.api("GET", &format!("/v1/jobs/{id}?wait_s=2"), "");
+            if status != 200 {
+                return false;
+            }
+            job = serde_json::from_str(&body).unwrap();
+            job["state"] != "running"
+        });
+        job
+    }
+
     /// Creates a tenant with `warm` endpoints per node.
     pub fn create_tenant(&self, name: &str, vni: u32, subnet: &str, warm: usize) {
         let body = format!(
@@ -227,6 +301,46 @@ impl Cluster {
 
     pub fn controller_pid(&self) -> Option<i32> {
         child_pid_of(self.pid(), &self.logs, "controller")
+    }
+
+    /// Every controller now: its `--listen` address and pid.
+    pub fn controller_pids(&self) -> Vec<(String, i32)> {
+        children_of(self.pid())
+            .into_iter()
+            .filter(|(_, args)| args.get(1).is_some_and(|a| a == "controller"))
+            .filter_map(|(pid, args)| {
+                let i = args.iter().position(|a| a == "--listen")?;
+                Some((args.get(i + 1)?.clone(), pid))
+            })
+            .collect()
+    }
+
+    /// The leading controller's address and pid, as `/leader` through the relay says.
+    pub fn leader(&self) -> Option<(String, i32)> {
+        let (status, body) = self.api("GET", "/leader", "");
+        if status != 200 {
+            return None;
+        }
+        let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+        if answer["is_leader"] != true {
+            return None;
+        }
+        let me = answer["self"].as_str()?.to_string();
+        self.controller_pids()
+            .into_iter()
+            .find(|(addr, _)| *addr == me)
+    }
+
+    /// Every etcd member now (`cluster up --store etcd`): its name and pid.
+    pub fn etcd_pids(&self) -> Vec<(String, i32)> {
+        children_of(self.pid())
+            .into_iter()
+            .filter(|(_, args)| args.first().is_some_and(|a| a.ends_with("etcd")))
+            .filter_map(|(pid, args)| {
+                let i = args.iter().position(|a| a == "--name")?;
+                Some((args.get(i + 1)?.clone(), pid))
+            })
+            .collect()
     }
 
     /// Waits for `cluster up` to end by itself (e.g. after `cluster down`).

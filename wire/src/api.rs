@@ -229,6 +229,26 @@ pub struct LaunchJob {
     pub output_dir: Option<String>,
 }
 
+impl LaunchJob {
+    /// `functions` copies of `argv` on `tenant`; everything else the defaults.
+    pub fn of(tenant: &str, functions: usize, argv: Vec<String>) -> Self {
+        Self {
+            tenant: tenant.into(),
+            functions,
+            command: FunctionCommand {
+                argv,
+                env: Default::default(),
+            },
+            placement: Default::default(),
+            runtime: Default::default(),
+            port: None,
+            limits: Default::default(),
+            image: None,
+            output_dir: None,
+        }
+    }
+}
+
 /// What one function may use; `None`: the agent's default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use particle_cluster::{tenants, LocalCluster, Options};
-use particle_wire::api::{FunctionCommand, Job, JobState, LaunchJob};
+use particle_wire::api::{Job, JobState, LaunchJob};
 use particle_wire::client::{ApiClient, Method};
 use particle_workloads::ring::{parse_probe, REACHED};
 
@@ -260,20 +260,7 @@ async fn ring_job(
 /// A burst of long sleeps, cancelled while it runs: the cancel path's
 /// kills and endpoint returns are churned too.
 async fn cancelled_job(api: &ApiClient, tenant: &str, size: usize) -> Result<Outcome> {
-    let request = LaunchJob {
-        tenant: tenant.into(),
-        functions: size,
-        command: FunctionCommand {
-            argv: vec!["/bin/sleep".into(), "600".into()],
-            env: Default::default(),
-        },
-        placement: Default::default(),
-        runtime: Default::default(),
-        port: None,
-        limits: Default::default(),
-        image: None,
-        output_dir: None,
-    };
+    let request = LaunchJob::of(tenant, size, vec!["/bin/sleep".into(), "600".into()]);
     let job: Job = api.call(Method::POST, "/v1/jobs", Some(&request)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let job: Job = api

@@ -10,8 +10,9 @@ use axum::http::StatusCode;
 
 use super::agent_calls::{release_all, reserve_all, start_all};
 use super::placement::{choose_nodes, node_of, ranks_by_node};
+use super::records::{self, Change};
 use super::{
-    bad, ms, retire, settle, unix_ms, ClientError, FunctionState, FunctionStatus, HttpError, Job,
+    bad, ms, settle, unix_ms, ClientError, FunctionState, FunctionStatus, HttpError, Job,
     JobRecord, JobState, Jobs, LaunchJob, Reserved, Started, DEFAULT_FUNCTION_PORT, MAX_FUNCTIONS,
 };
 use crate::Controller;
@@ -23,7 +24,7 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
     let program = check_request(&req)?;
     let agents = choose_nodes(c, &req)?;
     let port = req.port.unwrap_or(DEFAULT_FUNCTION_PORT);
-    let id = c.jobs().new_id();
+    let id = c.jobs().new_id()?;
     let ranks = ranks_by_node(req.functions, agents.len());
 
     // Agents busy with this launch are alive even if their heartbeats lag.
@@ -39,8 +40,11 @@ pub async fn launch(c: &Controller, req: LaunchJob) -> Result<Job, HttpError> {
     let (functions, instances) = reserved_functions(reserved, &agents, req.functions);
     let peers = peer_addresses(&functions, port);
     let record = running_record(&id, &req, functions, started_unix_ms, &agents, instances);
-    // Registered before the start so that early exits find the job.
-    c.jobs().lock().jobs.insert(id.clone(), record);
+    // Registered (and stored) before the start so that early exits find the job.
+    if let Err(e) = c.jobs().register(record) {
+        release_all(c, &id, &agents).await;
+        return Err(e.into());
+    }
 
     // 2. Start everywhere at once, every function knowing every peer.
     let started = start_all(c, &id, &req, &peers, &agents).await;
@@ -200,6 +204,7 @@ fn running_record(
         started_unix_ms,
         agents: agents.iter().cloned().collect(),
         instances,
+        seq: 0,
     }
 }
 
@@ -221,40 +226,60 @@ impl Jobs {
             ));
         };
         record.job.launch_ms = launch_ms;
-        for (node, result) in started {
-            record_start(record, &node, result);
+        let failed: Vec<Change> = (started.into_iter())
+            .flat_map(|(node, result)| start_failures(record, &node, result))
+            .collect();
+        let header = records::header_record(record);
+        // The job runs whether or not this is stored: a failure is logged.
+        if let Err(e) = self.persist(&[], vec![header]) {
+            tracing::error!("job {id}: storing its launch: {e}");
         }
-        let ended = settle(record).then(|| id.to_string());
-        let job = record.job.clone();
-        retire(&mut t, ended.into_iter().collect());
+        if let Err(e) = self.change(&mut t, id, failed) {
+            tracing::error!("job {id}: storing its failed starts: {e}");
+        }
+        // Nothing of it may run at all (every node failed its reserve).
+        if let Some(r) = t
+            .jobs
+            .get_mut(id)
+            .filter(|r| r.job.state == JobState::Running)
+        {
+            if settle(r) {
+                if let Err(e) = self.persist(&[], vec![records::header_record(r)]) {
+                    tracing::error!("job {id}: storing its end: {e}");
+                }
+                self.retire(&mut t, vec![id.to_string()]);
+            }
+        }
+        let job = t.jobs.get(id).map(|r| r.job.clone());
         drop(t);
         self.notify();
-        Ok(job)
+        job.ok_or_else(|| HttpError::new(StatusCode::GONE, "the job was dropped during its launch"))
     }
 }
 
-/// Marks the functions `node`'s agent failed to start: those it names, or
-/// all it was running if the call itself failed.
-fn record_start(record: &mut JobRecord, node: &str, result: Result<Started, ClientError>) {
+/// The functions `node`'s agent failed to start: those it names, or all
+/// it was running if the call itself failed.
+fn start_failures(
+    record: &JobRecord,
+    node: &str,
+    result: Result<Started, ClientError>,
+) -> Vec<Change> {
+    let failed = |rank: usize, error: String| Change {
+        rank,
+        state: FunctionState::Failed,
+        code: None,
+        error: Some(error),
+        reason: None,
+    };
     match result {
-        Ok(s) => {
-            for failure in s.failed {
-                if let Some(f) = record.job.functions.get_mut(failure.rank) {
-                    f.state = FunctionState::Failed;
-                    f.error = Some(failure.error);
-                }
-            }
-        }
-        Err(e) => {
-            for f in record
-                .job
-                .functions
-                .iter_mut()
-                .filter(|f| f.node == node && f.state == FunctionState::Running)
-            {
-                f.state = FunctionState::Failed;
-                f.error = Some(format!("node {node}: {e}"));
-            }
-        }
+        Ok(s) => s
+            .failed
+            .into_iter()
+            .map(|f| failed(f.rank, f.error))
+            .collect(),
+        Err(e) => (record.job.functions.iter())
+            .filter(|f| f.node == node && f.state == FunctionState::Running)
+            .map(|f| failed(f.rank, format!("node {node}: {e}")))
+            .collect(),
     }
 }

@@ -20,20 +20,19 @@
 mod agent_calls;
 mod launch;
 mod placement;
+mod records;
 
 pub use launch::launch;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Backend, Record, StoreError};
 use crate::Controller;
 use particle_wire::api::{
     FunctionExit, FunctionState, FunctionStatus, Job, JobState, JobSummary, LaunchJob,
@@ -41,6 +40,7 @@ use particle_wire::api::{
 };
 use particle_wire::client::{ApiClient, ClientError, Method};
 use particle_wire::HttpError;
+use records::Change;
 
 /// The largest burst one request may ask for.
 pub const MAX_FUNCTIONS: usize = 100_000;
@@ -48,20 +48,23 @@ pub const MAX_FUNCTIONS: usize = 100_000;
 const RETAINED_JOBS: usize = 256;
 /// The port functions listen on unless the job says otherwise.
 pub const DEFAULT_FUNCTION_PORT: u16 = 7000;
-/// Ended jobs written to the jobs file (all retained ones stay in memory).
+/// Ended jobs kept in the store (all retained ones stay in memory).
 const STORED_ENDED_JOBS: usize = 32;
 
-#[derive(Serialize, Deserialize)]
+/// Node → its agent.
+type Agents = BTreeMap<String, SocketAddr>;
+
 struct JobRecord {
     job: Job,
     /// Wall clock, so a restarted controller still knows the job's age.
     started_unix_ms: u64,
     /// Node → its agent, for cancel and output.
-    agents: BTreeMap<String, SocketAddr>,
+    agents: Agents,
     /// Node → the agent instance that holds the job's functions there; an
     /// agent registering with another instance has lost them.
-    #[serde(default)]
     instances: BTreeMap<String, String>,
+    /// The next delta record's number.
+    seq: u64,
 }
 
 impl JobRecord {
@@ -70,120 +73,215 @@ impl JobRecord {
     }
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Default)]
 struct Table {
     next: u64,
     jobs: BTreeMap<String, JobRecord>,
     ended: VecDeque<String>,
 }
 
-/// The jobs file beside the controller's state file.
-pub fn jobs_store(state_file: &Path) -> Store {
-    let mut name = state_file
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_else(|| "state".into());
-    name.push(".jobs");
-    Store::new(PathBuf::from(state_file).with_file_name(name))
-}
-
-/// Every job the controller knows. With a store, running jobs and the most
-/// recent ended ones are written to a jobs file (without function output),
-/// so a restarted controller still knows them: their functions keep running
-/// on the agents, whose exit reports then find the job again.
+/// Every job the controller knows. With a store, each job is kept as its
+/// own records ([`records`]): written at launch, then one small delta per
+/// change, so a restarted controller (or the next leader) knows them: their
+/// functions keep running on the agents, whose exit reports then find the
+/// job again.
 pub struct Jobs {
     table: Mutex<Table>,
     /// Bumped on every change, for waiters.
     changed: watch::Sender<u64>,
-    /// The jobs file and the lock that keeps its writes in change order.
-    store: Option<(Store, Mutex<()>)>,
+    store: Option<Arc<dyn Backend>>,
 }
 
 impl Default for Jobs {
     fn default() -> Self {
-        Self {
-            table: Mutex::new(Table::default()),
-            changed: watch::channel(0).0,
-            store: None,
-        }
+        Self::new(None)
+    }
+}
+
+/// A store write failed: the client may retry (503) or not (500).
+impl From<StoreError> for HttpError {
+    fn from(e: StoreError) -> Self {
+        let status = if e.is_unavailable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        HttpError::new(status, format!("not stored, nothing changed: {e}"))
     }
 }
 
 impl Jobs {
-    /// Jobs kept in `store` (loaded from it if it exists), or in memory only.
-    pub fn new(store: Option<Store>) -> Result<Self, StoreError> {
-        let table = match &store {
-            Some(s) => s.load::<Table>()?.unwrap_or_default(),
-            None => Table::default(),
-        };
-        if !table.jobs.is_empty() {
-            tracing::info!(jobs = table.jobs.len(), "restored jobs");
-        }
-        Ok(Self {
-            table: Mutex::new(table),
+    /// Jobs kept in `store` (call [`Self::reload`] to read it), or in memory only.
+    pub fn new(store: Option<Arc<dyn Backend>>) -> Self {
+        Self {
+            table: Mutex::new(Table::default()),
             changed: watch::channel(0).0,
-            store: store.map(|s| (s, Mutex::new(()))),
-        })
+            store,
+        }
     }
 
-    /// What the jobs file holds: running jobs and the latest ended ones,
-    /// without the functions' output (agents keep that, bounded).
-    fn stored_form(&self) -> serde_json::Value {
-        let t = self.lock();
-        let keep_ended: Vec<&String> = t.ended.iter().rev().take(STORED_ENDED_JOBS).collect();
-        let mut jobs = serde_json::Map::new();
-        for (id, r) in &t.jobs {
-            if r.job.state != JobState::Running && !keep_ended.contains(&id) {
-                continue;
+    /// Replaces what is in memory with what the store holds (at start, and
+    /// when this controller becomes the leader).
+    pub fn reload(&self) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let (jobs, next) = records::load(store.records("")?);
+        let mut t = self.lock();
+        *t = Table {
+            next,
+            ..Table::default()
+        };
+        for r in jobs {
+            if r.job.state != JobState::Running {
+                t.ended.push_back(r.job.id.clone());
             }
-            let mut job = r.job.clone();
-            for f in &mut job.functions {
-                f.output = None;
-            }
-            let stored = JobRecord {
-                job,
+            t.jobs.insert(r.job.id.clone(), r);
+        }
+        let running = t.jobs.len() - t.ended.len();
+        if !t.jobs.is_empty() {
+            tracing::info!(jobs = t.jobs.len(), running, "restored jobs");
+        }
+        drop(t);
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Moves the jobs file earlier versions wrote (`STATE.jobs`: the whole
+    /// table in one JSON object, rewritten on every change) into the store,
+    /// once: it is renamed `STATE.jobs.imported` after. Whether there was one.
+    pub fn import_legacy(&self, file: &std::path::Path) -> Result<bool, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Legacy {
+            next: u64,
+            jobs: BTreeMap<String, LegacyRecord>,
+        }
+        #[derive(serde::Deserialize)]
+        struct LegacyRecord {
+            job: Job,
+            started_unix_ms: u64,
+            agents: Agents,
+            #[serde(default)]
+            instances: BTreeMap<String, String>,
+        }
+        let Ok(bytes) = std::fs::read(file) else {
+            return Ok(false);
+        };
+        let legacy: Legacy =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse {
+                path: file.to_path_buf(),
+                source,
+            })?;
+        let mut puts = vec![records::next_record(legacy.next)];
+        for (_, r) in legacy.jobs {
+            puts.extend(records::all_records(&JobRecord {
+                job: r.job,
                 started_unix_ms: r.started_unix_ms,
-                agents: r.agents.clone(),
-                instances: r.instances.clone(),
-            };
-            if let Ok(v) = serde_json::to_value(&stored) {
-                jobs.insert(id.clone(), v);
+                agents: r.agents,
+                instances: r.instances,
+                seq: 0,
+            }));
+        }
+        self.persist(&[], puts)?;
+        let done = file.with_extension("jobs.imported");
+        std::fs::rename(file, &done).map_err(|source| StoreError::Write { path: done, source })?;
+        tracing::info!(file = %file.display(), "imported the jobs file of an earlier version");
+        Ok(true)
+    }
+
+    /// Writes to the store (if any), in the order calls are made under the table lock.
+    fn persist(&self, delete: &[String], puts: Vec<Record>) -> Result<(), StoreError> {
+        match &self.store {
+            Some(store) => store.write_records(delete, puts),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies `changes` (to functions still running) of job `id` and
+    /// stores them (with its header if it ended); if they cannot be stored,
+    /// undoes them. True if the job ended.
+    fn change(&self, t: &mut Table, id: &str, changes: Vec<Change>) -> Result<bool, StoreError> {
+        let Some(r) = t.jobs.get_mut(id) else {
+            return Ok(false);
+        };
+        let changes: Vec<Change> = (changes.into_iter())
+            .filter(|c| {
+                (r.job.functions.get(c.rank)).is_some_and(|f| f.state == FunctionState::Running)
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(false);
+        }
+        let mut puts = vec![records::delta_record(id, r.seq, &changes)];
+        for c in &changes {
+            if let Some(f) = r.job.functions.get_mut(c.rank) {
+                c.apply(f);
             }
         }
-        let ended: Vec<&String> = keep_ended.into_iter().rev().collect();
-        serde_json::json!({ "next": t.next, "jobs": jobs, "ended": ended })
+        let ended = settle(r);
+        if ended {
+            puts.push(records::header_record(r));
+        }
+        let stored = self.persist(&[], puts);
+        if let Err(e) = stored {
+            // Undo: the caller answers with the error and the agent reports again.
+            for c in &changes {
+                if let Some(f) = r.job.functions.get_mut(c.rank) {
+                    f.state = FunctionState::Running;
+                    f.exit_code = None;
+                    f.error = None;
+                    f.reason = None;
+                }
+            }
+            if ended {
+                r.job.state = JobState::Running;
+                r.job.duration_ms = None;
+            }
+            return Err(e);
+        }
+        r.seq += 1;
+        if ended {
+            self.retire(t, vec![id.to_string()]);
+        }
+        Ok(ended)
     }
 
     /// An agent (re)registered as `instance`: functions that an earlier
     /// instance on that node was running died with it.
     pub fn agent_registered(&self, node: &str, instance: &str) {
         let mut t = self.lock();
-        let mut ended = Vec::new();
-        let mut changed = false;
-        for r in t.jobs.values_mut() {
-            let Some(held_by) = r.instances.get(node) else {
-                continue;
-            };
-            if r.job.state != JobState::Running || held_by == instance {
-                continue;
-            }
-            for f in &mut r.job.functions {
-                if f.state == FunctionState::Running && f.node == node {
-                    f.state = FunctionState::Lost;
-                    f.error = Some(format!(
-                        "the agent on node {node} restarted; the function died with it"
-                    ));
-                    changed = true;
-                }
-            }
-            if settle(r) {
-                ended.push(r.job.id.clone());
+        let lost: Vec<(String, Vec<Change>)> = t
+            .jobs
+            .values()
+            .filter(|r| r.job.state == JobState::Running)
+            .filter(|r| {
+                r.instances
+                    .get(node)
+                    .is_some_and(|held_by| held_by != instance)
+            })
+            .map(|r| {
+                let changes = running_on(
+                    r,
+                    |n| n == node,
+                    |_| format!("the agent on node {node} restarted; the function died with it"),
+                );
+                (r.job.id.clone(), changes)
+            })
+            .collect();
+        self.apply_all(&mut t, lost);
+    }
+
+    /// Applies each job's changes, logging what could not be stored.
+    fn apply_all(&self, t: &mut Table, changes: Vec<(String, Vec<Change>)>) {
+        let mut any = false;
+        for (id, c) in changes {
+            any |= !c.is_empty();
+            if let Err(e) = self.change(t, &id, c) {
+                tracing::error!("job {id}: {e}");
             }
         }
-        retire(&mut t, ended);
-        drop(t);
-        if changed {
-            self.notify();
+        if any {
+            self.changed.send_modify(|v| *v += 1);
         }
     }
 
@@ -191,28 +289,33 @@ impl Jobs {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// After every change: writes the jobs file (before anyone is told, so
-    /// nothing acknowledged is lost to a crash) and wakes waiters.
+    /// Wakes waiters.
     fn notify(&self) {
-        if let Some((store, order)) = &self.store {
-            let _in_order = order.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(e) = store.save(&self.stored_form()) {
-                // The jobs go on in memory; only a restart would forget them.
-                tracing::error!("writing the jobs file: {e}");
-            }
-        }
         self.changed.send_modify(|v| *v += 1);
     }
 
-    fn new_id(&self) -> String {
+    /// A new job id; its number is stored first, so no later controller
+    /// (a restart, the next leader) hands it out again.
+    fn new_id(&self) -> Result<String, StoreError> {
         let mut t = self.lock();
-        t.next += 1;
+        let next = t.next + 1;
+        self.persist(&[], vec![records::next_record(next)])?;
+        t.next = next;
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         // Unique across controller restarts (the time part) and within one (the counter).
-        format!("j{:x}-{}", secs & 0xffff_ffff, t.next)
+        Ok(format!("j{:x}-{}", secs & 0xffff_ffff, next))
+    }
+
+    /// Registers a job about to start (stored first, so early exits, a
+    /// restart or the next leader find it).
+    fn register(&self, record: JobRecord) -> Result<(), StoreError> {
+        let mut t = self.lock();
+        self.persist(&[], records::launch_records(&record))?;
+        t.jobs.insert(record.job.id.clone(), record);
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<Job> {
@@ -264,79 +367,138 @@ impl Jobs {
         }
     }
 
-    /// Records functions that ended (reported by `node`'s agent).
-    pub fn record_exits(&self, node: &str, exits: Vec<FunctionExit>) {
+    /// Records functions that ended (reported by `node`'s agent). Stored
+    /// before it returns: an error means nothing was recorded (the agent
+    /// reports again).
+    pub fn record_exits(&self, node: &str, exits: Vec<FunctionExit>) -> Result<(), StoreError> {
         let mut t = self.lock();
-        let mut ended = Vec::new();
+        // Per job: the changes, and each function's output (kept in memory only).
+        type Reported = (Vec<Change>, Vec<(usize, String)>);
+        let mut by_job: BTreeMap<String, Reported> = BTreeMap::new();
         for exit in exits {
-            let Some(r) = t.jobs.get_mut(&exit.job) else {
+            let Some(r) = t.jobs.get(&exit.job) else {
                 continue; // a job this controller forgot (restart) or dropped
             };
-            let Some(f) = r.job.functions.get_mut(exit.rank) else {
+            let Some(f) = r.job.functions.get(exit.rank) else {
                 continue;
             };
             if f.node != node || f.state != FunctionState::Running {
                 continue;
             }
-            f.state = FunctionState::Exited;
-            f.exit_code = exit.exit_code;
-            f.error = exit.error;
-            f.output = Some(exit.output);
-            f.reason = exit.reason;
-            if settle(r) {
-                ended.push(r.job.id.clone());
+            let entry = by_job.entry(exit.job.clone()).or_default();
+            entry.0.push(Change {
+                rank: exit.rank,
+                state: FunctionState::Exited,
+                code: exit.exit_code,
+                error: exit.error,
+                reason: exit.reason,
+            });
+            entry.1.push((exit.rank, exit.output));
+        }
+        let mut result = Ok(());
+        for (id, (changes, outputs)) in by_job {
+            match self.change(&mut t, &id, changes) {
+                Ok(_) => {
+                    if let Some(r) = t.jobs.get_mut(&id) {
+                        for (rank, output) in outputs {
+                            if let Some(f) = r.job.functions.get_mut(rank) {
+                                f.output = Some(output);
+                            }
+                        }
+                    }
+                }
+                Err(e) => result = Err(e),
             }
         }
-        retire(&mut t, ended);
         drop(t);
         self.notify();
+        result
     }
 
     /// Functions on nodes that went away will never report: they are lost.
     pub fn nodes_lost(&self, nodes: &[String]) {
         let mut t = self.lock();
-        let mut ended = Vec::new();
-        for r in t.jobs.values_mut() {
-            if r.job.state != JobState::Running {
-                continue;
-            }
-            for f in &mut r.job.functions {
-                if f.state == FunctionState::Running && nodes.contains(&f.node) {
-                    f.state = FunctionState::Lost;
-                    f.error = Some(format!("node {} went away", f.node));
-                }
-            }
-            if settle(r) {
-                ended.push(r.job.id.clone());
-            }
-        }
-        retire(&mut t, ended);
-        drop(t);
-        self.notify();
+        let lost: Vec<(String, Vec<Change>)> = t
+            .jobs
+            .values()
+            .filter(|r| r.job.state == JobState::Running)
+            .map(|r| {
+                let changes = running_on(
+                    r,
+                    |n| nodes.iter().any(|x| x == n),
+                    |n| format!("node {n} went away"),
+                );
+                (r.job.id.clone(), changes)
+            })
+            .collect();
+        self.apply_all(&mut t, lost);
     }
 
     /// Marks what still runs as cancelled; returns the job's agents to tell.
-    fn cancel(&self, id: &str) -> Option<(Job, BTreeMap<String, SocketAddr>)> {
+    fn cancel(&self, id: &str) -> Result<Option<(Job, Agents)>, StoreError> {
         let mut t = self.lock();
-        let r = t.jobs.get_mut(id)?;
-        if r.job.state == JobState::Running {
-            for f in &mut r.job.functions {
-                if f.state == FunctionState::Running {
-                    f.state = FunctionState::Cancelled;
-                }
-            }
-            r.job.state = JobState::Cancelled;
-            r.job.duration_ms = Some(ms(r.elapsed()));
-            let id = r.job.id.clone();
-            retire(&mut t, vec![id.clone()]);
-            let r = t.jobs.get(&id)?;
-            let out = (r.job.clone(), r.agents.clone());
-            drop(t);
-            self.notify();
-            return Some(out);
+        let Some(r) = t.jobs.get_mut(id) else {
+            return Ok(None);
+        };
+        if r.job.state != JobState::Running {
+            return Ok(Some((r.job.clone(), BTreeMap::new())));
         }
-        Some((r.job.clone(), BTreeMap::new()))
+        let duration = ms(r.elapsed());
+        r.job.state = JobState::Cancelled;
+        r.job.duration_ms = Some(duration);
+        let header = records::header_record(r);
+        r.job.state = JobState::Running;
+        r.job.duration_ms = None;
+        self.persist(&[], vec![header])?;
+        for f in &mut r.job.functions {
+            if f.state == FunctionState::Running {
+                f.state = FunctionState::Cancelled;
+            }
+        }
+        r.job.state = JobState::Cancelled;
+        r.job.duration_ms = Some(duration);
+        let out = (r.job.clone(), r.agents.clone());
+        self.retire(&mut t, vec![id.to_string()]);
+        drop(t);
+        self.notify();
+        Ok(Some(out))
     }
+
+    /// Keeps the most recent ended jobs only (fewer of them in the store).
+    fn retire(&self, t: &mut Table, ended: Vec<String>) {
+        t.ended.extend(ended);
+        if t.ended.len() > STORED_ENDED_JOBS {
+            let old = t.ended[t.ended.len() - 1 - STORED_ENDED_JOBS].clone();
+            if let Err(e) = self.persist(&[records::job_prefix(&old)], Vec::new()) {
+                tracing::warn!("dropping job {old} from the store: {e}");
+            }
+        }
+        while t.ended.len() > RETAINED_JOBS {
+            if let Some(old) = t.ended.pop_front() {
+                t.jobs.remove(&old);
+            }
+        }
+    }
+}
+
+/// Each function of `r` still running on a node `on` names, lost with `why`.
+fn running_on(
+    r: &JobRecord,
+    on: impl Fn(&str) -> bool,
+    why: impl Fn(&str) -> String,
+) -> Vec<Change> {
+    r.job
+        .functions
+        .iter()
+        .filter(|f| f.state == FunctionState::Running && on(&f.node))
+        .map(|f| Change {
+            rank: f.rank,
+            state: FunctionState::Lost,
+            code: None,
+            error: Some(why(&f.node)),
+            reason: None,
+        })
+        .collect()
 }
 
 /// Ends the job if every function has; true if it just ended.
@@ -363,16 +525,6 @@ fn settle(r: &mut JobRecord) -> bool {
     true
 }
 
-/// Keeps the most recent ended jobs only.
-fn retire(t: &mut Table, ended: Vec<String>) {
-    t.ended.extend(ended);
-    while t.ended.len() > RETAINED_JOBS {
-        if let Some(old) = t.ended.pop_front() {
-            t.jobs.remove(&old);
-        }
-    }
-}
-
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -393,7 +545,7 @@ fn bad(message: impl Into<String>) -> HttpError {
 pub async fn cancel(c: &Controller, id: &str) -> Result<Job, HttpError> {
     let (job, agents) = c
         .jobs()
-        .cancel(id)
+        .cancel(id)?
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, format!("unknown job {id:?}")))?;
     let agents: Vec<(String, SocketAddr)> = agents.into_iter().collect();
     agent_calls::release_all(c, id, &agents).await;
@@ -401,101 +553,4 @@ pub async fn cancel(c: &Controller, id: &str) -> Result<Job, HttpError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn running_job(jobs: &Jobs, id: &str, instance: &str) {
-        let functions = (0..4)
-            .map(|rank| FunctionStatus {
-                rank,
-                node: format!("n{}", rank % 2),
-                address: None,
-                state: FunctionState::Running,
-                exit_code: None,
-                cold: false,
-                bound: false,
-                error: None,
-                output: None,
-                reason: None,
-            })
-            .collect();
-        jobs.lock().jobs.insert(
-            id.into(),
-            JobRecord {
-                job: Job {
-                    id: id.into(),
-                    tenant: "t".into(),
-                    state: JobState::Running,
-                    functions,
-                    warm: 4,
-                    bound: 0,
-                    cold: 0,
-                    launch_ms: 1.0,
-                    duration_ms: None,
-                },
-                started_unix_ms: unix_ms(),
-                agents: BTreeMap::new(),
-                instances: [("n0", instance), ("n1", instance)]
-                    .map(|(n, i)| (n.to_string(), i.to_string()))
-                    .into(),
-            },
-        );
-        jobs.notify();
-    }
-
-    fn exit(job: &str, rank: usize, code: i32) -> FunctionExit {
-        FunctionExit {
-            job: job.into(),
-            rank,
-            exit_code: Some(code),
-            error: None,
-            output: "out".into(),
-            reason: None,
-        }
-    }
-
-    #[test]
-    fn a_restarted_agent_loses_only_its_own_running_functions() {
-        let jobs = Jobs::default();
-        running_job(&jobs, "j1", "first");
-        jobs.agent_registered("n1", "first"); // a re-registration: nothing lost
-        assert_eq!(jobs.get("j1").unwrap().state, JobState::Running);
-        jobs.record_exits("n0", vec![exit("j1", 0, 0)]);
-        jobs.agent_registered("n0", "second"); // n0 restarted
-        let job = jobs.get("j1").unwrap();
-        let states: Vec<_> = job.functions.iter().map(|f| f.state).collect();
-        use FunctionState::*;
-        assert_eq!(states, [Exited, Running, Lost, Running]);
-        assert!(job.functions[2]
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("restarted"));
-        jobs.record_exits("n1", vec![exit("j1", 1, 0), exit("j1", 3, 0)]);
-        assert_eq!(jobs.get("j1").unwrap().state, JobState::Failed);
-    }
-
-    #[test]
-    fn jobs_survive_a_restart_without_their_output() {
-        let dir = std::env::temp_dir().join(format!("particle-jobs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = || jobs_store(&dir.join("state.json"));
-        let jobs = Jobs::new(Some(store())).unwrap();
-        running_job(&jobs, "j1", "a");
-        jobs.record_exits("n0", vec![exit("j1", 0, 0)]);
-        let next = jobs.lock().next;
-        drop(jobs);
-
-        let again = Jobs::new(Some(store())).unwrap();
-        let job = again.get("j1").expect("the running job is restored");
-        assert_eq!(job.state, JobState::Running);
-        assert_eq!(job.functions[0].state, FunctionState::Exited);
-        assert_eq!(job.functions[0].output, None, "output is not stored");
-        assert_eq!(again.lock().next, next, "ids go on where they stopped");
-        // Exits reported after the restart find the job and end it.
-        again.record_exits("n1", vec![exit("j1", 1, 0), exit("j1", 3, 0)]);
-        again.record_exits("n0", vec![exit("j1", 2, 0)]);
-        assert_eq!(again.get("j1").unwrap().state, JobState::Succeeded);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+mod tests;

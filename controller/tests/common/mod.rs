@@ -52,7 +52,11 @@ pub async fn start(opts: Opts) -> Server {
     let config = ControllerConfig {
         listen: addr,
         token: TOKEN.into(),
-        state_file: opts.state_file,
+        store: opts
+            .state_file
+            .map(particle_controller::store::StoreSpec::Json),
+        cluster_id: "particle".into(),
+        advertise: None,
         heartbeat_timeout: opts.heartbeat_timeout,
         long_poll_max: opts.long_poll_max,
         quotas: opts.quotas,
