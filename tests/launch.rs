@@ -187,6 +187,19 @@ fn a_burst_past_the_blocks_is_refused_with_nothing_claimed() {
     assert!(!out.status.success());
     let text = common::text(&out);
     assert!(text.contains("/28 blocks hold 13"), "{text}");
+    // A tenant's router on a node is one bridge, of at most 1,023 ports:
+    // 2,048 functions on two nodes do not fit, whatever the blocks hold.
+    let body =
+        r#"{"name":"w","vni":322,"subnet":"10.36.0.0/16","block_prefix":20,"warm_per_node":1}"#;
+    cluster.api_json("POST", "/v1/tenants", body, 201);
+    let out = cluster
+        .command(&["launch"])
+        .args(["--tenant", "w", "-n", "2048", "--json", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = common::text(&out);
+    assert!(text.contains("at most 1023 ports"), "{text}");
     let jobs = cluster.api_json("GET", "/v1/jobs", "", 200);
     assert_eq!(jobs.as_array().map(Vec::len), Some(0), "{jobs}");
     for socket in &cluster.sockets {
@@ -196,6 +209,7 @@ fn a_burst_past_the_blocks_is_refused_with_nothing_claimed() {
             .unwrap();
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(status["pools"]["s"]["claims_total"], 0, "{status}");
+        assert_eq!(status["pools"]["w"]["claims_total"], 0, "{status}");
     }
     let out = launch("20");
     assert!(out.status.success(), "{}", common::text(&out));

@@ -35,7 +35,8 @@ impl Default for Quotas {
     fn default() -> Self {
         Self {
             max_tenants: 256,
-            max_warm_per_node: 4096,
+            // Every warm endpoint is a port of the tenant's bridge on the node.
+            max_warm_per_node: particle_net::bridge::MAX_PORTS,
         }
     }
 }

@@ -8,6 +8,12 @@ use netlink_packet_route::RouteNetlinkMessage;
 use crate::names::IfName;
 use crate::netlink::{messages, NetlinkError, NetlinkSocket, Request};
 
+/// The most ports a Linux bridge takes (`BR_MAX_PORTS` is 1024 and port 0
+/// is never used); one more is refused with EXFULL. Every endpoint of a
+/// tenant on a node is a port of its router's one bridge, so this is the
+/// most endpoints a tenant holds on one node.
+pub const MAX_PORTS: usize = 1023;
+
 /// A bridge in the socket's namespace.
 #[derive(Debug, Clone)]
 pub struct Bridge {

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 
 use super::{bad, HttpError, LaunchJob};
 use crate::Controller;
+use particle_net::bridge::MAX_PORTS;
 
 /// The nodes (name, agent) that `req` launches on: every live node that can
 /// launch, or the ones its placement names, checked against the tenant and
@@ -48,19 +49,30 @@ pub(super) fn choose_nodes(
             )));
         }
     }
-    // A node's block holds the gateway and its endpoints: a job that needs
-    // more there is refused now, before anything is claimed, never half-run.
+    // A node's block holds the gateway and its endpoints, and its router's
+    // bridge at most MAX_PORTS of them: a job that needs more there is
+    // refused now, before anything is claimed, never half-run.
     let per_node = req.functions.div_ceil(agents.len());
     let room = block_room(block_prefix);
-    if per_node > room {
-        return Err(HttpError::new(
+    let refuse = |why: String| {
+        Err(HttpError::new(
             StatusCode::CONFLICT,
             format!(
-                "{} functions on {} nodes need {per_node} addresses on a node; tenant {:?}'s /{block_prefix} blocks hold {room}: use more nodes or a tenant with larger blocks (block_prefix)",
+                "{} functions on {} nodes need {per_node} endpoints on a node; {why}",
                 req.functions,
                 agents.len(),
-                req.tenant
             ),
+        ))
+    };
+    if per_node > room {
+        return refuse(format!(
+            "tenant {:?}'s /{block_prefix} blocks hold {room} addresses: use more nodes or a tenant with larger blocks (block_prefix)",
+            req.tenant
+        ));
+    }
+    if per_node > MAX_PORTS {
+        return refuse(format!(
+            "a tenant's router on a node is one Linux bridge, which takes at most {MAX_PORTS} ports: use more nodes"
         ));
     }
     Ok(agents)

@@ -87,7 +87,7 @@ impl Default for SandboxConfig {
             cpu_weight: 100,
             tmp_mb: 64,
             max_endpoints_per_tenant: 4096,
-            max_functions_per_tenant: 4096,
+            max_functions_per_tenant: 2048,
             id_base: 1 << 20,
             binds: Vec::new(),
         }
