@@ -20,13 +20,15 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 fn ask(stream: &UnixStream, request: &str) -> String {
     let mut line = request.to_string();
     line.push('\n');
-    if let Err(e) = (&mut &*stream).write_all(line.as_bytes()) {
-        return format!("write failed: {e}");
-    }
+    // A refusal may already be waiting even when the write fails: read it.
+    let written = (&mut &*stream).write_all(line.as_bytes());
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut answer = String::new();
     match BufReader::new(stream).read_line(&mut answer) {
-        Ok(0) => "closed".into(),
+        Ok(0) => match written {
+            Err(e) => format!("write failed: {e}"),
+            Ok(()) => "closed".into(),
+        },
         Ok(_) => answer.trim().to_string(),
         Err(e) => format!("read failed: {e}"),
     }
