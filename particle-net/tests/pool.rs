@@ -203,8 +203,10 @@ fn plant_arp_entry(netns: &particle_net::NetNs, ip: &str, dev: &str, nud: &str) 
 #[test]
 fn a_resting_pool_sweeps_the_arp_state_nobody_uses() {
     let t = scratch("10.205.0.0/24");
-    let pool = one_worker_pool(&t, 2, 0, 2);
-    pool.wait_ready(2, WAIT).unwrap();
+    // Three, so that one stays ready after two claims: no refill is under
+    // way to take the room the returned endpoint needs to be recycled.
+    let pool = one_worker_pool(&t, 3, 0, 3);
+    pool.wait_ready(3, WAIT).unwrap();
     // One endpoint in use, one back in the pool (its namespace kept to look in).
     let claimed = pool.claim().unwrap();
     let pooled = pool.claim().unwrap();
