@@ -80,11 +80,26 @@ fn a_function_cannot_use_its_agents_local_api() {
         "{output}"
     );
     // The race, where the socket is reachable: connected by a child that
-    // exits, then used by its parent.
-    let out = std::process::Command::new(hostile())
+    // exits, then used by its parent. The agent is stopped meanwhile so that
+    // it looks only after the child is gone: the losing side of the race,
+    // every time (a root caller still alive on the node is the node).
+    let agent = cluster.agent_pid(0).expect("the agent runs");
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &agent.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {agent}");
+    };
+    signal("-STOP");
+    let race = std::process::Command::new(hostile())
         .args(["local-child", socket])
-        .output()
-        .unwrap();
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    // The child connects and exits at once; its parent then waits for the answer.
+    std::thread::sleep(Duration::from_millis(500));
+    signal("-CONT");
+    let out = race.unwrap().wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let v = verdicts(&text);
     let answer: Value = serde_json::from_str(&v[0].1).unwrap_or_else(|e| panic!("{e}: {text}"));
